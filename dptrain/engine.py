@@ -1,0 +1,308 @@
+"""Per-sample clipping attached to an ordinary model, in one backward pass per physical batch.
+
+:class:`PerSampleClipper` hooks every module that owns trainable parameters:
+
+* **forward**: while the module runs, its trainable parameters stop requiring grad, so autograd
+  records the graph to the module's *input* but never forms the weight gradient; the rule keeps
+  the input activations ``a`` (detached);
+* **backward**: a hook on the module's output receives ``g = ∂L/∂output``;
+* **end of backward**: per-sample squared norms are summed over layers, giving ||G_i||; the clip
+  factor c_i = min(1, C/(||G_i|| + 1e-6)) — or c_i = 1/(||G_i|| + γ) for automatic clipping —
+  weights each sample, and each rule adds Σ_i c_i G_i into ``p.grad`` (book-keeping, Bu et al.
+  2023). The ordinary weight gradient is never computed, which pays for the norms.
+
+``p.grad`` then holds the running clipped sum over the physical batches of one logical batch;
+:class:`~dptrain.optimizer.DPOptimizer` adds the noise and divides by the expected batch size.
+
+Fail-closed checks: BatchNorm and other sample-mixing layers, shared parameters, gradient
+checkpointing, gradients reaching a trainable parameter outside its module's forward, and two
+forward passes before one backward all raise instead of giving a silently wrong guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clipping import FALLBACK, NORM_METHODS, Call, ClipRule, FlushContext, refusal, rule_for
+from .errors import ConfigError, ModelError
+
+AUTO_CLIP_GAMMA = 0.01  # stability constant γ of automatic clipping (Bu et al. 2023, AUTO-S)
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class _EnableGrad(torch.autograd.Function):
+    """Gives a module output that does not require grad (its inputs did not, and its parameters
+    were hidden from autograd) a place in the graph, so that its gradient can be observed.
+
+    ``expand_to`` also turns a broadcast output (batch axis 1, e.g. position embeddings of a
+    [1, T] id buffer) into one row per sample, so its gradient stays per-sample instead of being
+    summed over the batch by the broadcast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, expand_to):
+        if expand_to is not None:
+            x = x.expand(expand_to, *x.shape[1:])
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, None
+
+
+class PerSampleClipper:
+    """Clips per-sample gradients of ``model``'s trainable parameters and sums them into ``.grad``.
+
+    Args:
+        model: any ``nn.Module``; parameters with ``requires_grad=False`` when the clipper is
+            created are frozen and cost nothing.
+        max_grad_norm: the clipping bound C, or ``"auto"`` for automatic clipping (AUTO-S,
+            Bu et al. 2023): c_i = 1/(||G_i|| + 0.01), every sample contributes a vector of norm
+            < 1, so the sensitivity is 1 and nothing needs tuning (the learning rate absorbs C).
+        loss_reduction: ``"mean"`` if the loss is the mean over the physical batch (HF's
+            ``.loss``), ``"sum"`` if it is the sum of per-sample losses.
+        norm_method: ``"auto"`` picks ghost norm or instantiation per layer by cost; ``"ghost"``
+            and ``"instantiate"`` force one (for tests and benchmarks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_grad_norm: float | str = 1.0,
+        loss_reduction: str = "mean",
+        norm_method: str = "auto",
+        keep_norms: bool = False,
+    ):
+        if max_grad_norm != "auto" and not (
+            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)
+        ):
+            raise ConfigError(f"max_grad_norm must be a finite number > 0 or 'auto', got {max_grad_norm!r}.")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got {loss_reduction!r}.")
+        if norm_method not in NORM_METHODS:
+            raise ConfigError(f"norm_method must be one of {', '.join(NORM_METHODS)}, got {norm_method!r}.")
+        self.model = model
+        self.max_grad_norm = max_grad_norm
+        self.loss_reduction = loss_reduction
+        self.norm_method = norm_method
+        self.keep_norms = keep_norms
+        self.last_norms: torch.Tensor | None = None  # per-sample norms of the last flush, if kept
+        self.rows_clipped = 0  # samples clipped and summed since the last reset
+
+        self._rules: dict[nn.Module, ClipRule] = {}
+        self._trainable: dict[nn.Module, frozenset[str]] = {}
+        self._names: dict[nn.Module, str] = {}
+        self._calls: dict[nn.Module, list[Call]] = {}
+        self._handles: list[Any] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._batch_size: int | None = None
+        self._flush_queued = False
+        self._suspended = False
+        self._attach()
+
+    # ---------------------------------------------------------------- attach / detach
+    @property
+    def sensitivity(self) -> float:
+        """Bound on each sample's clipped contribution: C, or 1 for automatic clipping."""
+        return 1.0 if self.max_grad_norm == "auto" else float(self.max_grad_norm)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters trained privately, in model order."""
+        return [getattr(m, n) for m in self._rules for n in sorted(self._trainable[m])]
+
+    def _attach(self) -> None:
+        problems: list[str] = []
+        if _checkpointing(self.model):
+            problems.append("gradient checkpointing re-runs the forward inside backward; disable it")
+        owners: dict[int, str] = {}
+        for name, module in self.model.named_modules():
+            label = name or type(self.model).__name__
+            reason = refusal(module)
+            if reason and module.training:
+                problems.append(f"{label}: {reason}")
+            own = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            for n, p in module.named_parameters(recurse=False):
+                full = f"{name}.{n}" if name else n
+                if id(p) in owners:
+                    if p.requires_grad:
+                        problems.append(
+                            f"{full} is the same trainable parameter as {owners[id(p)]} (weight "
+                            "tying); per-sample norms of shared weights are not supported: untie or freeze it"
+                        )
+                else:
+                    owners[id(p)] = full
+            if not own:
+                continue
+            rule = rule_for(module) or FALLBACK
+            reason = rule.check(module)
+            if reason:
+                problems.append(f"{label}: {reason}")
+                continue
+            self._rules[module] = rule
+            self._trainable[module] = frozenset(own)
+            self._names[module] = label
+            self._calls[module] = []
+        if problems:
+            raise ModelError("cannot train this model privately: " + "; ".join(problems) + ".")
+        if not self._rules:
+            raise ModelError("the model has no trainable parameters (all have requires_grad=False).")
+
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        for module in self._rules:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(
+                module.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True)
+            )
+            for n in self._trainable[module]:
+                param = getattr(module, n)
+                self._handles.append(param.register_post_accumulate_grad_hook(self._leak_hook(module, n)))
+
+    def detach(self) -> None:
+        """Remove every hook; the model is again an ordinary model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._drop_calls()
+
+    # ---------------------------------------------------------------- hooks
+    def _capturing(self) -> bool:
+        return torch.is_grad_enabled() and not self._suspended
+
+    def _root_pre_hook(self, module, args, kwargs):
+        if not self._capturing():
+            return None
+        if any(self._calls.values()):
+            # A previous forward was never backpropagated (e.g. a loss computed for logging):
+            # forget it. If it is backpropagated later after all, its hooks raise (see below).
+            self._drop_calls()
+        self._batch_size = _leading_dim(args, kwargs)
+        return None
+
+    def _pre_hook(self, module, args):
+        if not self._capturing():
+            return None
+        for n in self._trainable[module]:
+            getattr(module, n).requires_grad_(False)
+        return None
+
+    def _post_hook(self, module, args, kwargs, output):
+        if self._suspended:
+            return None
+        for n in self._trainable[module]:
+            getattr(module, n).requires_grad_(True)
+        if not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(
+                f"{self._names[module]} ({type(module).__name__}) returned {type(output).__name__}; "
+                "a layer with trainable parameters must return one tensor to be clipped per sample."
+            )
+        call = Call(self._rules[module].capture(module, args, kwargs))
+        self._calls[module].append(call)
+        batch = self._batch_size
+        expand = batch if batch is not None and batch > 1 and output.dim() > 0 and output.shape[0] == 1 else None
+        if not output.requires_grad:
+            output = _EnableGrad.apply(output, self._anchor, expand)
+        elif expand is not None:
+            output = output.expand(expand, *output.shape[1:])
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if call.state == "dropped":
+                raise ModelError(
+                    "a forward pass was backpropagated after a newer forward pass started: "
+                    "per-sample clipping needs each forward followed by its own backward "
+                    "(sum the losses of one forward, not of several)."
+                )
+            if call.state == "flushed" or call.grad is not None:
+                raise ModelError(
+                    f"{self._names[module]} received a second gradient for the same forward pass "
+                    "(backward called twice, e.g. with retain_graph=True); run a new forward."
+                )
+            call.grad = grad.detach()
+            if not self._flush_queued:
+                self._flush_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+
+        output.register_hook(on_grad)
+        return output
+
+    def _leak_hook(self, module: nn.Module, name: str):
+        label = f"{self._names[module]}.{name}"
+
+        def on_accumulate(param: torch.Tensor) -> None:
+            raise ModelError(
+                f"parameter {label} received a gradient from autograd outside its module's forward "
+                "(weight tying or direct use of the tensor); its per-sample clipping cannot cover "
+                "that use: freeze it or route the use through the module."
+            )
+
+        return on_accumulate
+
+    # ---------------------------------------------------------------- clip and sum
+    def flush(self) -> None:
+        """Clip and sum the per-sample gradients of the last backward pass into ``p.grad``.
+
+        Runs by itself at the end of every backward pass; calling it again is harmless.
+        """
+        self._flush_queued = False
+        active = [(m, [c for c in calls if c.grad is not None]) for m, calls in self._calls.items()]
+        active = [(m, calls) for m, calls in active if calls]
+        self._drop_calls("flushed")
+        self._batch_size = None
+        if not active:
+            return
+        sizes = {c.grad.shape[0] for _, calls in active for c in calls if c.grad.dim() > 0}
+        if len(sizes) != 1:
+            raise ModelError(
+                f"layer outputs disagree on the batch size ({sorted(sizes)}); per-sample clipping "
+                "needs the batch on axis 0 of every layer's output."
+            )
+        batch = sizes.pop()
+        ctx = FlushContext(batch_size=batch, norm_method=self.norm_method, trainable=self._trainable)
+        self._suspended = True
+        try:
+            with torch.no_grad():
+                norm_sq = sum(self._rules[m].norm_sq(m, calls, ctx) for m, calls in active)
+                scale = float(batch) if self.loss_reduction == "mean" else 1.0
+                norms = norm_sq.clamp(min=0).sqrt() * scale
+                coef = self.clip_factors(norms) * scale
+                for m, calls in active:
+                    self._rules[m].accumulate(m, calls, coef, ctx)
+        finally:
+            self._suspended = False
+        self.rows_clipped += batch
+        self.last_norms = norms.detach().clone() if self.keep_norms else None
+
+    def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """c_i = min(1, C/(||G_i|| + 1e-6)), or 1/(||G_i|| + γ) for automatic clipping."""
+        if self.max_grad_norm == "auto":
+            return 1.0 / (norms + AUTO_CLIP_GAMMA)
+        return (float(self.max_grad_norm) / (norms + 1e-6)).clamp(max=1.0)
+
+    def _drop_calls(self, state: str = "dropped") -> None:
+        for calls in self._calls.values():
+            for call in calls:
+                call.state = state
+            calls.clear()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether HF activation (gradient) checkpointing is on, across transformers versions."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(model)):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _leading_dim(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward call: leading dimension of its first tensor input."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None

@@ -1,0 +1,88 @@
+"""Gaussian noise for the summed clipped gradient, drawn in parallel.
+
+DP-SGD adds z ~ N(0, σ²C²·I) to Σ_i c_i G_i once per logical batch (Abadi et al. 2016). On a CPU
+``Tensor.normal_`` fills on one thread (a few ns per value: ~0.1 s for a 22.7M-parameter model),
+so the gradients are cut into fixed chunks and each of ``workers`` threads fills its own chunks
+from its own generator. The assignment of chunks to generators is fixed, so a seeded run is
+reproducible; by default the seeds come from the operating system (``secrets``), so the noise is
+not predictable from anything in the run directory.
+
+Limits: PyTorch's generators are not cryptographically secure and floating-point Gaussian
+sampling is not exact (Mironov 2012); like Opacus without ``secure_mode``, this guards against
+the attacks that learn from models, not against an adversary who can observe the generator.
+"""
+
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+
+CHUNK = 1 << 20  # values per chunk: large enough to amortize dispatch, small enough to balance
+
+
+class GaussianNoise:
+    """Adds N(0, std²) to every element of a list of tensors, in place, with parallel generators."""
+
+    def __init__(self, seed: int | None = None, workers: int | None = None):
+        self.workers = max(1, workers if workers is not None else torch.get_num_threads())
+        base = secrets.randbits(62) if seed is None else int(seed)
+        self._base = base
+        self._generators = [torch.Generator().manual_seed(base + 7919 * w) for w in range(self.workers)]
+        self._accelerator_generators: dict[torch.device, torch.Generator] = {}
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._buffers: list[torch.Tensor | None] = [None] * self.workers
+
+    def add_(self, tensors: Sequence[torch.Tensor], std: float) -> None:
+        """``t += N(0, std²)`` elementwise for each tensor (each must be contiguous)."""
+        if std < 0:
+            raise ValueError(f"noise std must be >= 0, got {std}.")
+        if std == 0:
+            return
+        on_cpu = [t for t in tensors if t.device.type == "cpu"]
+        for t in tensors:
+            if t.device.type != "cpu":  # accelerators fill fast on their own: one generator each
+                t.add_(torch.randn(t.shape, dtype=t.dtype, device=t.device,
+                                   generator=self._device_generator(t.device)), alpha=std)
+        chunks = [c for t in on_cpu for c in t.view(-1).split(CHUNK)]
+
+        def fill(worker: int) -> None:
+            gen = self._generators[worker]
+            for chunk in chunks[worker :: self.workers]:
+                buf = self._buffer(worker, chunk)
+                buf.normal_(0.0, std, generator=gen)
+                chunk.add_(buf)
+
+        if self._pool is None:
+            fill(0)
+        else:
+            list(self._pool.map(fill, range(self.workers)))
+
+    def _device_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._accelerator_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(self._base + 104729 * (1 + len(self._accelerator_generators)))
+            self._accelerator_generators[device] = gen
+        return gen
+
+    def _buffer(self, worker: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers[worker]
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(CHUNK, dtype=like.dtype, device=like.device)
+            self._buffers[worker] = buf
+        return buf[: like.numel()]
+
+    def state_dict(self) -> dict:
+        return {"generators": [g.get_state() for g in self._generators]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("generators")
+        if not isinstance(states, list) or len(states) != self.workers:
+            raise ValueError(
+                f"noise state must hold {self.workers} generator states, got "
+                f"{len(states) if isinstance(states, list) else type(states).__name__}."
+            )
+        for gen, s in zip(self._generators, states):
+            gen.set_state(s)
