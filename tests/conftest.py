@@ -1,0 +1,48 @@
+"""Shared fixtures. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+TINY_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _tiny_vocabulary() -> list[str]:
+    """Special tokens, digits, punctuation and every word of the synthetic data and canaries."""
+    from dptrain.synthetic import CANARY_WORDS, generate_intents, secret_canary
+
+    words: set[str] = set(CANARY_WORDS)
+    words.update(secret_canary()[0].split())
+    for text, _ in generate_intents(n_per_intent=60, seed=0):
+        # BERT's basic tokenizer lowercases and splits words from punctuation.
+        words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    words.update("0123456789")
+    words.update(".,?!'$:-")
+    return [*TINY_SPECIAL_TOKENS, *sorted(words)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """A lower-casing BERT WordPiece tokenizer over a few hundred whole words (no subwords).
+
+    ``[PAD]`` is id 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4; every word of the
+    synthetic templates, fillers and audit-canary word list, and each digit, is one token.
+    """
+    from transformers import BertTokenizerFast
+
+    vocab_file = Path(tmp_path_factory.mktemp("tiny_tokenizer")) / "vocab.txt"
+    vocab_file.write_text("\n".join(_tiny_vocabulary()) + "\n", encoding="utf-8")
+    # transformers 5 takes the vocabulary as `vocab` and silently ignores `vocab_file`; 4.x wants
+    # `vocab_file`.
+    parameters = inspect.signature(BertTokenizerFast.__init__).parameters
+    vocab_argument = "vocab" if "vocab" in parameters else "vocab_file"
+    tokenizer = BertTokenizerFast(
+        **{vocab_argument: str(vocab_file)}, do_lower_case=True, model_max_length=512
+    )
+    assert tokenizer.convert_tokens_to_ids("balance") != tokenizer.unk_token_id
+    assert tokenizer.pad_token_id == 0
+    return tokenizer
