@@ -1,0 +1,1 @@
+"""Attacks that measure what a trained model leaks: membership inference, audits, extraction."""
