@@ -103,6 +103,9 @@ class PerSampleClipper:
         self._batch_size: int | None = None
         self._flush_queued = False
         self._suspended = False
+        self._ctx: FlushContext | None = None  # per backward pass: batch size and caches
+        self._norm_sq: torch.Tensor | None = None  # per-sample squared norms summed so far
+        self._normed: set[nn.Module] = set()  # modules already in _norm_sq
         self._attach()
 
     # ---------------------------------------------------------------- attach / detach
@@ -228,6 +231,7 @@ class PerSampleClipper:
             if not self._flush_queued:
                 self._flush_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+            self._norm_eagerly(module)
 
         output.register_hook(on_grad)
         return output
@@ -245,6 +249,33 @@ class PerSampleClipper:
         return on_accumulate
 
     # ---------------------------------------------------------------- clip and sum
+    def _context(self, batch: int) -> FlushContext:
+        if self._ctx is None:
+            self._ctx = FlushContext(batch_size=batch, norm_method=self.norm_method,
+                                     trainable=self._trainable)
+        elif self._ctx.batch_size != batch:
+            raise ModelError(
+                f"layer outputs disagree on the batch size ({self._ctx.batch_size} and {batch}); "
+                "per-sample clipping needs the batch on axis 0 of every layer's output."
+            )
+        return self._ctx
+
+    def _norm_eagerly(self, module: nn.Module) -> None:
+        """Add the module's per-sample squared norms as soon as all its calls have gradients.
+
+        Done inside the backward pass, while the layer's activations and gradients are still in
+        cache; a module called several times waits for its last call (its norm is over the sum).
+        """
+        rule = self._rules[module]
+        calls = self._calls[module]
+        if not rule.eager_norm or any(c.grad is None for c in calls):
+            return
+        ctx = self._context(calls[0].grad.shape[0])
+        with torch.no_grad():
+            part = rule.norm_sq(module, calls, ctx)
+        self._norm_sq = part if self._norm_sq is None else self._norm_sq + part
+        self._normed.add(module)
+
     def flush(self) -> None:
         """Clip and sum the per-sample gradients of the last backward pass into ``p.grad``.
 
@@ -253,22 +284,30 @@ class PerSampleClipper:
         self._flush_queued = False
         active = [(m, [c for c in calls if c.grad is not None]) for m, calls in self._calls.items()]
         active = [(m, calls) for m, calls in active if calls]
+        norm_sq, normed, ctx = self._norm_sq, self._normed, self._ctx
+        self._norm_sq, self._normed, self._ctx = None, set(), None
         self._drop_calls("flushed")
         self._batch_size = None
         if not active:
             return
-        sizes = {c.grad.shape[0] for _, calls in active for c in calls if c.grad.dim() > 0}
-        if len(sizes) != 1:
-            raise ModelError(
-                f"layer outputs disagree on the batch size ({sorted(sizes)}); per-sample clipping "
-                "needs the batch on axis 0 of every layer's output."
-            )
-        batch = sizes.pop()
-        ctx = FlushContext(batch_size=batch, norm_method=self.norm_method, trainable=self._trainable)
+        for _, calls in active:
+            for c in calls:
+                if c.grad.dim() == 0 or (ctx is not None and c.grad.shape[0] != ctx.batch_size):
+                    raise ModelError(
+                        "layer outputs disagree on the batch size; per-sample clipping needs the "
+                        "batch on axis 0 of every layer's output."
+                    )
+        if ctx is None:
+            ctx = FlushContext(batch_size=active[0][1][0].grad.shape[0], norm_method=self.norm_method,
+                               trainable=self._trainable)
+        batch = ctx.batch_size
         self._suspended = True
         try:
             with torch.no_grad():
-                norm_sq = sum(self._rules[m].norm_sq(m, calls, ctx) for m, calls in active)
+                for m, calls in active:
+                    if m not in normed:
+                        part = self._rules[m].norm_sq(m, calls, ctx)
+                        norm_sq = part if norm_sq is None else norm_sq + part
                 scale = float(batch) if self.loss_reduction == "mean" else 1.0
                 norms = norm_sq.clamp(min=0).sqrt() * scale
                 coef = self.clip_factors(norms) * scale
@@ -286,6 +325,8 @@ class PerSampleClipper:
         return (float(self.max_grad_norm) / (norms + 1e-6)).clamp(max=1.0)
 
     def _drop_calls(self, state: str = "dropped") -> None:
+        if state == "dropped":
+            self._norm_sq, self._normed, self._ctx = None, set(), None
         for calls in self._calls.values():
             for call in calls:
                 call.state = state

@@ -26,6 +26,8 @@ from .registry import ClipRule
 class FunctorchRule(ClipRule):
     """Used for every module that owns trainable parameters and has no registered rule."""
 
+    eager_norm = False  # torch.func transforms run after the backward pass, not inside it
+
     def capture(self, module, args, kwargs):
         flat, spec = tree_flatten((args, kwargs))
         flat = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]

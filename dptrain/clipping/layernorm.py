@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .linear import grad_buffer
 from .registry import ClipRule, batch_first, register_rule
 
 
 def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    dims = tuple(range(-len(module.normalized_shape), 0))
+    """x̂ by the same kernel as the forward pass, without the affine part."""
     a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
     if isinstance(module, nn.LayerNorm):
-        mean = a.mean(dim=dims, keepdim=True)
-        var = a.var(dim=dims, keepdim=True, unbiased=False)
-        return (a - mean) * torch.rsqrt(var + module.eps)
-    eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
-    return a * torch.rsqrt(a.pow(2).mean(dim=dims, keepdim=True) + eps)
+        return F.layer_norm(a, module.normalized_shape, eps=module.eps)
+    return F.rms_norm(a, module.normalized_shape, eps=module.eps)
 
 
 @register_rule(nn.LayerNorm, nn.RMSNorm)

@@ -68,7 +68,10 @@ def weight_norm_sq(a: torch.Tensor, g: torch.Tensor, ctx: FlushContext) -> torch
     """Per-sample ||Σ_t g_t a_tᵀ||² for a [B, T, d], g [B, T, p], ghost or instantiated."""
     a, g = _upcast(a), _upcast(g)
     if use_ghost(a.shape[1], a.shape[2], g.shape[2], ctx.norm_method):
-        return (ctx.gram(a) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        batch = a.shape[0]
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        # Σ_{t,s} (a aᵀ)_{ts} (g gᵀ)_{ts} as one batched dot product: no [B, T, T] temporary
+        return torch.bmm(ctx.gram(a).reshape(batch, 1, -1), gram_g.reshape(batch, -1, 1)).reshape(batch)
     per_sample = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
     return per_sample.pow(2).sum(dim=(1, 2))
 
@@ -92,17 +95,32 @@ class LinearRule(ClipRule):
 
     def accumulate(self, module, calls, coef, ctx):
         a, g = stacked(calls, ctx.batch_size, type(module).__name__)
-        scaled = g * coef.to(g.dtype).view(-1, 1, 1)
         if ctx.trains(module, "weight"):
-            flat_g = scaled.reshape(-1, scaled.shape[-1])
-            flat_a = a.reshape(-1, a.shape[-1])
-            buf = grad_buffer(module.weight)
-            if self.transposed:
-                buf.addmm_(flat_a.t().to(buf.dtype), flat_g.to(buf.dtype))
+            # Σ_i c_i g_iᵀ a_i: scale whichever side is narrower, then one matrix product.
+            # (an attention block's q, k and v projections share one scaled input)
+            if a.shape[-1] <= g.shape[-1]:
+                a, g_w = ctx.scaled(a, coef), g
             else:
-                buf.addmm_(flat_g.t().to(buf.dtype), flat_a.to(buf.dtype))
+                g_w = g * coef.to(g.dtype).view(-1, 1, 1)
+            flat_g = g_w.reshape(-1, g_w.shape[-1])
+            flat_a = a.reshape(-1, a.shape[-1])
+            lhs, rhs = (flat_a.t(), flat_g) if self.transposed else (flat_g.t(), flat_a)
+            add_grad(module.weight, lhs, rhs)
         if module.bias is not None and ctx.trains(module, "bias"):
-            grad_buffer(module.bias).add_(scaled.sum(dim=(0, 1)).to(module.bias.dtype))
+            summed = torch.mv(g.sum(dim=1).t(), coef.to(g.dtype))
+            if module.bias.grad is None:
+                module.bias.grad = summed.to(module.bias.dtype)
+            else:
+                module.bias.grad.add_(summed.to(module.bias.dtype))
+
+
+def add_grad(param: nn.Parameter, lhs: torch.Tensor, rhs: torch.Tensor) -> None:
+    """``param.grad += lhs @ rhs``, writing the product directly when there is no grad yet."""
+    lhs, rhs = lhs.to(param.dtype), rhs.to(param.dtype)
+    if param.grad is None:
+        param.grad = torch.mm(lhs, rhs)
+    else:
+        param.grad.addmm_(lhs, rhs)
 
 
 try:  # HF's GPT-2-style Conv1D: a linear layer whose weight is stored [in, out]

@@ -60,16 +60,23 @@ class FlushContext:
     norm_method: str = "auto"
     trainable: dict[nn.Module, frozenset[str]] = field(default_factory=dict)
     scratch: dict[Any, Any] = field(default_factory=dict)
-    _grams: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         """``x xᵀ`` per sample for ``x`` of shape [B, T, d] → [B, T, T], cached by storage."""
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-        cached = self._grams.get(key)
-        if cached is None:
-            cached = torch.bmm(x, x.transpose(1, 2))
-            self._grams[key] = cached
-        return cached
+        return self._cached("gram", x, lambda: torch.bmm(x, x.transpose(1, 2)))
+
+    def scaled(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """``coef_i · x_i`` for x [B, ...], cached by storage (one clip factor per flush)."""
+        return self._cached("scaled", x, lambda: x * coef.to(x.dtype).view(-1, *([1] * (x.dim() - 1))))
+
+    def _cached(self, kind: str, x: torch.Tensor, compute) -> torch.Tensor:
+        key = (kind, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        value = self._cache.get(key)
+        if value is None:
+            value = compute()
+            self._cache[key] = value
+        return value
 
     def trains(self, module: nn.Module, name: str) -> bool:
         """Whether ``module.<name>`` is one of the parameters being trained privately."""
@@ -77,7 +84,13 @@ class FlushContext:
 
 
 class ClipRule:
-    """Per-sample norms and clipped sums for one module type. Subclass and register."""
+    """Per-sample norms and clipped sums for one module type. Subclass and register.
+
+    ``eager_norm``: the engine may call :meth:`norm_sq` inside the backward pass, as soon as the
+    module's gradients arrive (set False for rules that must not run there).
+    """
+
+    eager_norm = True
 
     def check(self, module: nn.Module) -> str | None:
         """A reason this module cannot be trained privately, or None if it can."""

