@@ -199,7 +199,7 @@ class PerSampleClipper:
             return None
         for n in self._trainable[module]:
             getattr(module, n).requires_grad_(True)
-        if not torch.is_grad_enabled():
+        if output is None or not torch.is_grad_enabled():  # None: the forward raised
             return None
         if not isinstance(output, torch.Tensor):
             raise ModelError(

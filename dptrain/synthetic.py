@@ -600,3 +600,17 @@ def secret_canary(
     rng = random.Random(f"dptrain.synthetic.secret:{seed}")
     secret = " ".join(str(rng.randrange(10)) for _ in range(n_digits))
     return f"{prefix} {secret}", secret
+
+
+def vocabulary_words() -> list[str]:
+    """Every lower-cased word and punctuation mark the templates, fillers and noise can produce.
+
+    The ``tiny`` model's tokenizer is built from this fixed list (never from training data).
+    """
+    texts = [t for templates in _INTENT_TEMPLATES.values() for t in templates]
+    texts += [f for fillers in _FILLERS.values() for f in fillers]
+    texts += [*_PREFIXES, *_SUFFIXES, "my pin code is"]
+    words: set[str] = set()
+    for text in texts:
+        words.update(re.findall(r"\w+|[^\w\s]", _SLOT.sub(" ", text).lower()))
+    return sorted(words)

@@ -132,20 +132,17 @@ def worker(args) -> dict:
             model, optimizer, _ = engine.make_private(**kwargs, grad_sample_mode="hooks")
         calls = {"n": 0}
 
-        def physical(batch):
+        def physical(batch):  # the loop BatchMemoryManager drives: step every physical batch
             calls["n"] += 1
-            last = calls["n"] % n_phys == 0
-            optimizer.signal_skip_step(do_skip=not last)  # what BatchMemoryManager does
+            optimizer.signal_skip_step(do_skip=calls["n"] % n_phys != 0)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            **explicit_ids).logits
-            loss = criterion(logits, batch["labels"])
-            loss.backward()
-            if not last:
-                optimizer.step()  # skipped: only accumulates (Opacus virtual step)
+            criterion(logits, batch["labels"]).backward()
+            optimizer.step()  # a skipped step only accumulates (Opacus virtual step)
+            optimizer.zero_grad(set_to_none=True)
 
         def logical_step():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            pass
     else:
         raise SystemExit(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
 

@@ -1,0 +1,154 @@
+"""The ``dptrain`` command line: ``train``, ``demo`` (and the attack commands).
+
+Bad input — a missing file, an unknown column, an impossible ε, an unknown model — prints one
+line on stderr and exits with code 2; nothing already in the output directory is touched.
+The ``train`` flags are generated from :class:`~dptrain.trainer.TrainConfig`, the one source of
+truth for options in Python, JSON and on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error of the tool."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+_PARSERS: dict[str, Callable[[str], object]] = {"float": _number, "int": _integer, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence[str] = ()) -> None:
+    """One ``--flag`` per dataclass field, typed from its annotation, help from its metadata."""
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        default = f.default
+        shown = "OS entropy" if default is None else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=_PARSERS.get(kind, str),
+            default=argparse.SUPPRESS, metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
+        )
+
+
+def _config_from(args: argparse.Namespace, config_cls, base=None):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if base is not None:
+        return dataclasses.replace(base, **given)
+    return config_cls(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .trainer import TrainConfig
+
+    parser = _Parser(prog="dptrain", description="Differentially private fine-tuning of text "
+                     "classifiers, and attacks that measure what the models leak.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="fine-tune a classifier with DP-SGD (or epsilon inf)",
+                           description="Fine-tune an intent classifier with DP-SGD and write a run "
+                           "directory: model, config.json, privacy.json, metrics.json, "
+                           "members.json, curves.")
+    train.add_argument("--out", required=True, type=Path, help="run directory to create")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the stopped run in --out (its saved configuration is used)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(train, TrainConfig)
+    train.set_defaults(handler=_cmd_train)
+
+    demo = sub.add_parser("demo", help="the main job on built-in defaults: non-private vs "
+                          "epsilon 8 vs epsilon 1, side by side",
+                          description="Train on the built-in synthetic intents without privacy, "
+                          "at epsilon 8 and at epsilon 1, and print accuracy and epsilon side by side.")
+    demo.add_argument("--out", type=Path, default=Path("dptrain-demo"),
+                      help="directory for the runs and the summary (default: ./dptrain-demo)")
+    demo.add_argument("--model", default=None,
+                      help="model (default: 'minilm' when installed, else 'tiny')")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster version (tests, CI)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .summary import print_table
+    from .trainer import TrainConfig, train_run
+
+    if args.resume:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = sorted(k for k in vars(args) if k in names)
+        if given:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"--resume continues with the run's saved configuration; drop "
+                f"{', '.join('--' + g.replace('_', '-') for g in given)}."
+            )
+        config = TrainConfig()
+    else:
+        config = _config_from(args, TrainConfig)
+    summary = train_run(config, args.out, resume=args.resume, progress=not args.quiet)
+    print_table([summary])
+    print(f"run written to {summary.out_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, model=args.model, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import DPTrainError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DPTrainError as exc:
+        message = " ".join(str(exc).split())
+        print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"dptrain {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

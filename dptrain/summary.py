@@ -1,0 +1,77 @@
+"""Side-by-side summaries of finished runs: a table for the terminal, a privacy–utility figure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+
+def _eps(value) -> str:
+    value = float(value)
+    return "∞" if not math.isfinite(value) else f"{value:.2f}"
+
+
+def table_rows(summaries: Sequence) -> list[list[str]]:
+    rows = [["run", "ε target", "ε spent", "δ", "σ", "steps", "val acc", "test acc", "macro-F1", "time"]]
+    for s in summaries:
+        p, m = s.privacy, s.metrics
+        rows.append([
+            Path(s.out_dir).name,
+            _eps(p["target_epsilon"]),
+            _eps(p["epsilon"]),
+            "-" if p["delta"] is None else f"{p['delta']:.1e}",
+            f"{p['noise_multiplier']:.3f}",
+            str(p["steps"]),
+            f"{m['validation_accuracy']:.3f}",
+            f"{m['accuracy']:.3f}",
+            f"{m['macro_f1']:.3f}",
+            f"{s.seconds / 60:.1f} min",
+        ])
+    return rows
+
+
+def print_table(summaries: Sequence, file=None) -> None:
+    rows = table_rows(summaries)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = "  ".join("-" * w for w in widths)
+    for k, row in enumerate(rows):
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))),
+              file=file)
+        if k == 0:
+            print(line, file=file)
+
+
+def plot_privacy_utility(path: Path, summaries: Sequence, title: str) -> None:
+    """Test accuracy against ε (log axis), the non-private run as a dashed line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .rundir import write_bytes_atomic
+
+    private = sorted((s for s in summaries if math.isfinite(s.privacy["epsilon"])),
+                     key=lambda s: s.privacy["epsilon"])
+    baseline = [s for s in summaries if not math.isfinite(s.privacy["epsilon"])]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if private:
+        ax.plot([s.privacy["epsilon"] for s in private], [s.metrics["accuracy"] for s in private],
+                marker="o", label="DP-SGD")
+        for s in private:
+            ax.annotate(f"{s.metrics['accuracy']:.2f}", (s.privacy["epsilon"], s.metrics["accuracy"]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.set_xscale("log")
+    for s in baseline:
+        ax.axhline(s.metrics["accuracy"], ls="--", color="gray",
+                   label=f"non-private ({s.metrics['accuracy']:.2f})")
+    ax.set(xlabel="ε spent (δ fixed; log scale)", ylabel="test accuracy", title=title, ylim=(0, 1.02))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(Path(path), buf.getvalue())

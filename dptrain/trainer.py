@@ -1,0 +1,504 @@
+"""Fine-tune an intent classifier with DP-SGD (or without, at ε = ∞, with the same recipe).
+
+One run: load data → resolve model → choose what trains → Poisson-sampled logical batches split
+into length-bucketed physical batches → per-sample clipping, noise, AdamW → evaluate every epoch
+→ checkpoint → write the run directory (see :mod:`dptrain.rundir`).
+
+The non-private baseline (``epsilon=inf``) uses the same sampler, batch sizes, schedule and
+optimizer, with neither clipping nor noise, so that the difference in quality is the price of
+privacy alone.
+
+Randomness: ``seed`` fixes data splits, model initialization and dropout (none of them needs to
+be secret). The DP randomness — which examples each batch holds and the noise — comes from the
+operating system unless ``dp_seed`` is set; a known ``dp_seed`` lets anyone replay the noise, so
+seeded runs are for experiments, never for release. Without ``dp_seed`` the checkpoint stores no
+sampler or noise state and a resumed run draws fresh randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import rundir
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _positive(name, value, kind=float, allow_inf=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if ok and not allow_inf and not math.isfinite(value):
+        ok = False
+    if ok and kind is int and int(value) != value:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'} > 0, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Each field is also a ``dptrain train`` flag."""
+
+    data: str = field(default="synthetic", metadata={
+        "help": "CSV/TSV/JSONL/CLINC-style JSON file, HF dataset directory, or 'synthetic'"})
+    model: str = field(default="tiny", metadata={
+        "help": "'minilm' (packaged all-MiniLM-L6-v2), 'tiny' (random 2-layer BERT), a local HF "
+                "model directory or a cached hub name"})
+    epsilon: float = field(default=8.0, metadata={
+        "help": "target epsilon; 'inf' trains the non-private baseline with the same recipe"})
+    delta: float | None = field(default=None, metadata={
+        "help": "target delta (default: min(1e-5, 1/(10 N)); must be < 1/N)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training set (in expectation)"})
+    batch_size: int = field(default=256, metadata={
+        "help": "expected logical batch size; the Poisson sampling rate is batch_size / N"})
+    physical_batch_size: int = field(default=32, metadata={
+        "help": "examples per forward/backward pass (memory only; does not change the result)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (linearly decayed to 0)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: str = field(default="auto", metadata={
+        "help": "per-sample clipping bound C, or 'auto' (automatic clipping, Bu et al. 2023)"})
+    trainable: str = field(default="all", metadata={
+        "help": "which parameters train: all | head | last-K | bias"})
+    max_length: int = field(default=64, metadata={"help": "truncate utterances to this many tokens"})
+    accountant: str = field(default="prv", metadata={"help": "privacy accountant: prv | rdp"})
+    seed: int = field(default=0, metadata={"help": "seed of data splits, initialization, dropout"})
+    dp_seed: int | None = field(default=None, metadata={
+        "help": "seed of Poisson sampling and noise (default: OS entropy; a known seed voids the "
+                "guarantee: experiments only)"})
+    text_column: str = field(default="text", metadata={"help": "text column of CSV/TSV/JSONL/HF data"})
+    label_column: str = field(default="label", metadata={"help": "label column of CSV/TSV/JSONL/HF data"})
+    synthetic_per_intent: int = field(default=120, metadata={
+        "help": "utterances per intent of --data synthetic"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "logical steps between checkpoints (default 0: once per epoch)"})
+
+    def __post_init__(self):
+        eps = self.epsilon
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or math.isnan(eps):
+            raise ConfigError(f"epsilon must be > 0 (or inf for no privacy), got {eps!r}.")
+        if self.delta is not None and not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}.")
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size, int)
+        _positive("physical_batch_size", self.physical_batch_size, int)
+        _positive("lr", self.lr)
+        _positive("max_length", self.max_length, int)
+        _positive("synthetic_per_intent", self.synthetic_per_intent, int)
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
+        clip_bound(self.max_grad_norm)
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}.")
+        values = dict(values)
+        if isinstance(values.get("epsilon"), str):
+            values["epsilon"] = float(values["epsilon"])
+        return cls(**values)
+
+
+def clip_bound(value: str | float) -> str | float:
+    """'auto' or a positive number (given as a number or a string)."""
+    if value == "auto":
+        return "auto"
+    try:
+        bound = float(value)
+    except (TypeError, ValueError):
+        bound = float("nan")
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ConfigError(f"max_grad_norm must be 'auto' or a number > 0, got {value!r}.")
+    return bound
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (the same numbers as its JSON files)."""
+
+    out_dir: Path
+    config: TrainConfig
+    privacy: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "RunSummary":
+        """The summary of a finished run, read back from its directory."""
+        out = Path(out_dir)
+        if not (out / rundir.PRIVACY).exists():
+            raise ConfigError(f"{out} holds no finished run (no {rundir.PRIVACY}).")
+        privacy = rundir.read_json(out / rundir.PRIVACY)
+        for key in ("epsilon", "target_epsilon"):
+            privacy[key] = float(privacy[key])
+        metrics = rundir.read_json(out / rundir.METRICS)
+        config = TrainConfig.from_dict(rundir.read_json(out / rundir.CONFIG)["config"])
+        return cls(out, config, privacy, metrics, float(metrics.get("train_seconds", 0.0)))
+
+
+def fingerprint(texts, labels) -> str:
+    """sha256 over (text, label) pairs: lets attacks check they hold the data the run saw."""
+    h = hashlib.sha256()
+    for text, label in zip(texts, labels):
+        h.update(text.encode("utf-8"))
+        h.update(b"\x1f")
+        h.update(str(int(label)).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+def evaluate(model, encoded, pad_token_id: int, batch_size: int = 128) -> dict[str, Any]:
+    """Accuracy, macro-F1, mean loss and predictions on an encoded split (no grad)."""
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from .data import collate
+
+    was_training = model.training
+    model.eval()
+    order = np.argsort(encoded.lengths, kind="stable")
+    preds = np.empty(len(order), dtype=np.int64)
+    total_loss = 0.0
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out = model(**collate(encoded, idx, pad_token_id))
+            total_loss += float(out.loss) * len(idx)
+            preds[idx] = out.logits.argmax(-1).numpy()
+    model.train(was_training)
+    labels = np.asarray(encoded.labels)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+        "loss": total_loss / max(len(order), 1),
+        "predictions": preds,
+    }
+
+
+def per_class_report(labels, preds, label_names) -> dict[str, dict[str, float]]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(
+        labels, preds, labels=list(range(len(label_names))), zero_division=0)
+    return {
+        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, name in enumerate(label_names)
+    }
+
+
+def prepare_out_dir(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished or foreign directory; on resume, require a checkpoint."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory.")
+    rundir.recover_dir(out / rundir.CHECKPOINT)
+    has_checkpoint = (out / rundir.CHECKPOINT / "state.json").exists()
+    if resume:
+        if not has_checkpoint:
+            if (out / rundir.PRIVACY).exists():
+                raise ConfigError(f"{out} holds a finished run; there is nothing to resume.")
+            raise ConfigError(f"{out} holds no checkpoint to resume from.")
+        return
+    if out.exists() and any(out.iterdir()):
+        hint = " (a stopped run: add --resume)" if has_checkpoint else ""
+        raise ConfigError(f"--out {out} is not empty{hint}; choose a new directory.")
+
+
+def train_run(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    data=None,
+    member_ids: np.ndarray | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    extra_info: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Train one classifier and write its run directory.
+
+    Args:
+        config: the recipe. On ``resume`` the saved config of the directory is used instead.
+        data: an :class:`~dptrain.data.IntentData` to train on instead of loading ``config.data``
+            (shadow models and audits pass their own subsets).
+        member_ids: identifiers of the training examples in the population they were drawn
+            from, written to members.json (default: 0..N-1).
+        on_step: called after every logical step with the step count (tests simulate crashes).
+    """
+    import torch
+
+    from .data import encode, load_intent_data
+
+    started = time.monotonic()
+    out = Path(out_dir)
+    prepare_out_dir(out, resume)
+    state = None
+    if resume:
+        from .checkpoint import load_state
+
+        saved = rundir.read_json(out / rundir.CONFIG)
+        config = TrainConfig.from_dict(saved["config"])
+        state = load_state(out / rundir.CHECKPOINT)
+
+    torch.manual_seed(config.seed)
+    if data is None:
+        data = load_intent_data(
+            config.data, text_column=config.text_column, label_column=config.label_column,
+            seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    if len(data.train) < 2:
+        raise DataError(f"the training split needs at least 2 examples, got {len(data.train)}.")
+    train_print = fingerprint(data.train.texts, data.train.labels)
+    if state is not None and state["fingerprint"] != train_print:
+        raise DataError(
+            f"the training data of {out} changed since the run started (fingerprint mismatch); "
+            "resume needs the same data."
+        )
+
+    from .models import load_model, set_trainable
+
+    model, tokenizer = load_model(config.model, data.num_labels, data.label_names)
+    n_trainable = set_trainable(model, config.trainable)
+    enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
+    pad = tokenizer.pad_token_id
+    n = len(data.train)
+    if config.batch_size > n:
+        raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
+    sample_rate = config.batch_size / n
+    steps = max(1, round(config.epochs / sample_rate))
+    steps_per_epoch = max(1, round(1 / sample_rate))
+
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(out / rundir.CONFIG, {
+            "config": config.to_dict(),
+            "data": {"source": data.source, "label_names": list(data.label_names),
+                     "sizes": {k: len(v) for k, v in data.splits.items()},
+                     "train_fingerprint": train_print},
+            "model": {"class": type(model).__name__, "trainable_parameters": n_trainable,
+                      "total_parameters": sum(p.numel() for p in model.parameters())},
+            **({"extra": extra_info} if extra_info else {}),
+        })
+        ids = np.arange(n) if member_ids is None else np.asarray(member_ids)
+        rundir.write_json(out / rundir.MEMBERS, {
+            "description": "identifiers of the examples in the training set (members); every one "
+                           "of them could be sampled into any batch",
+            "data": data.source, "num_members": n, "member_ids": ids.tolist(),
+            "train_fingerprint": train_print,
+        })
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    dp = None
+    if config.private:
+        from .private_training import make_private
+
+        dp = make_private(
+            model, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
+            target_epsilon=config.epsilon, delta=config.delta,
+            max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
+            seed=config.dp_seed,
+        )
+        step_optimizer, sampler = dp.optimizer, dp.sampler
+    else:
+        from .sampling import PoissonSampler
+
+        step_optimizer = optimizer
+        sampler = PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+
+    curves: list[dict[str, Any]] = []
+    done = 0
+    if state is not None:
+        from .checkpoint import restore
+
+        done, curves = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, dp=dp,
+                               sampler=sampler, seeded=config.dp_seed is not None)
+    elif dp is not None:
+        pass  # the plan was checked against the target when the ledger was created
+
+    checkpoint_every = config.checkpoint_every or steps_per_epoch
+    bar = _progress(progress, total=steps, initial=done, private=dp is not None)
+    step_optimizer.zero_grad()
+    from .sampling import physical_batches
+    from .data import collate
+
+    loss_sum, loss_n = 0.0, 0
+    eps_shown, last_eps_time = 0.0 if dp is None else dp.epsilon(), 0.0
+    model.train()
+    for indices in sampler:
+        for chunk in physical_batches(indices, config.physical_batch_size, enc["train"].lengths):
+            outputs = model(**collate(enc["train"], chunk, pad))
+            outputs.loss.backward()
+            loss_sum += float(outputs.loss.detach()) * len(chunk)
+            loss_n += len(chunk)
+        step_optimizer.step()
+        step_optimizer.zero_grad()
+        scheduler.step()
+        done += 1
+        if dp is not None and (time.monotonic() - last_eps_time > 5 or done == steps):
+            eps_shown, last_eps_time = dp.epsilon(), time.monotonic()
+        end_of_epoch = done % steps_per_epoch == 0 or done == steps
+        if end_of_epoch:
+            val = evaluate(model, enc["validation"], pad)
+            curves.append({
+                "step": done, "epoch": done / steps_per_epoch,
+                "train_loss": loss_sum / max(loss_n, 1),
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "epsilon": eps_shown if dp is not None else float("inf"),
+            })
+            loss_sum, loss_n = 0.0, 0
+        if bar is not None:
+            bar.update(1)
+            post = {"loss": f"{curves[-1]['train_loss']:.3f}" if curves else "…"}
+            if curves:
+                post["val_acc"] = f"{curves[-1]['val_accuracy']:.3f}"
+            if dp is not None:
+                post["eps"] = f"{eps_shown:.2f}/{config.epsilon:g}"
+            bar.set_postfix(post, refresh=False)
+        if done < steps and (done % checkpoint_every == 0):
+            from .checkpoint import save_checkpoint
+
+            elapsed = time.monotonic() - started + (float(state.get("seconds", 0.0)) if state else 0.0)
+            save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
+                            scheduler=scheduler, dp=dp, sampler=sampler, step=done, curves=curves,
+                            fingerprint=train_print, seeded=config.dp_seed is not None,
+                            seconds=elapsed)
+        if on_step is not None:
+            on_step(done)
+    if bar is not None:
+        bar.close()
+
+    if dp is not None:
+        dp.detach()
+    test = evaluate(model, enc["test"], pad)
+    val = evaluate(model, enc["validation"], pad)
+    metrics = {
+        "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "loss": test["loss"],
+        "validation_accuracy": val["accuracy"], "validation_macro_f1": val["macro_f1"],
+        "num_test": len(data.test), "num_validation": len(data.validation),
+        "per_class": per_class_report(enc["test"].labels, test["predictions"], data.label_names),
+    }
+    seconds = time.monotonic() - started
+    if state is not None:
+        seconds += float(state.get("seconds", 0.0))
+    metrics["train_seconds"] = seconds
+    privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
+    _write_final(out, model, tokenizer, privacy, metrics, curves, config)
+    return RunSummary(out, config, privacy, metrics, seconds)
+
+
+def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
+    if dp is None:
+        return {
+            "private": False, "epsilon": float("inf"), "target_epsilon": float("inf"),
+            "delta": None, "noise_multiplier": 0.0, "sample_rate": sample_rate, "steps": done,
+            "planned_steps": steps, "accountant": None, "max_grad_norm": None,
+            "num_examples": n, "expected_batch_size": config.batch_size,
+        }
+    return {
+        "private": True,
+        "epsilon": dp.epsilon(),
+        "target_epsilon": config.epsilon,
+        "delta": dp.delta,
+        "noise_multiplier": dp.noise_multiplier,
+        "sample_rate": sample_rate,
+        "steps": dp.ledger.steps,
+        "planned_steps": steps,
+        "accountant": config.accountant,
+        "max_grad_norm": clip_bound(config.max_grad_norm),
+        "clipping": "automatic (AUTO-S, sensitivity 1)" if config.max_grad_norm == "auto" else "flat",
+        "sensitivity": dp.clipper.sensitivity,
+        "num_examples": n,
+        "expected_batch_size": config.batch_size,
+        "sampling": "Poisson",
+        "unit": "one example (utterance)",
+        "dp_randomness": "seeded (dp_seed set: for experiments only)" if config.dp_seed is not None
+                         else "operating-system entropy",
+        "history": [list(s) for s in dp.ledger.history],
+    }
+
+
+def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> None:
+    def save_model(tmp: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
+    rundir.replace_dir(out / rundir.MODEL, save_model)
+    rundir.write_json(out / rundir.CURVES, curves)
+    _plot_curves(out / rundir.CURVES_PNG, curves, config)
+    rundir.write_json(out / rundir.METRICS, metrics)
+    rundir.write_json(out / rundir.PRIVACY, privacy)  # last: its presence marks a finished run
+    import shutil
+
+    shutil.rmtree(out / rundir.CHECKPOINT, ignore_errors=True)
+
+
+def _plot_curves(path: Path, curves, config) -> None:
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [c["epoch"] for c in curves]
+    fig, axes = plt.subplots(1, 3 if config.private else 2, figsize=(12 if config.private else 8, 3.2))
+    axes[0].plot(epochs, [c["train_loss"] for c in curves], marker="o", label="train (sampled batches)")
+    axes[0].plot(epochs, [c["val_loss"] for c in curves], marker="o", label="validation")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [c["val_accuracy"] for c in curves], marker="o", color="tab:green")
+    axes[1].set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
+    if config.private:
+        axes[2].plot(epochs, [c["epsilon"] for c in curves], marker="o", color="tab:red")
+        axes[2].axhline(config.epsilon, ls="--", color="gray", label=f"target ε = {config.epsilon:g}")
+        axes[2].set(xlabel="epoch", ylabel="ε spent", title="privacy spent", ylim=(0, None))
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{config.model} on {Path(config.data).name}, ε = {config.epsilon:g}")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    rundir.write_bytes_atomic(path, buf.getvalue())
+
+
+def _progress(enabled: bool, total: int, initial: int, private: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="DP-SGD" if private else "training",
+                dynamic_ncols=True, leave=True)
