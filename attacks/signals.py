@@ -1,0 +1,111 @@
+"""What an attacker observes of a trained classifier, per example: loss, confidence, softmax.
+
+For logits z and the example's label y:
+
+* ``loss`` = −log p_y (cross-entropy), the signal of the loss attack (Yeom et al. 2018);
+* ``phi`` = log p_y − log Σ_{j≠y} p_j = z_y − logsumexp_{j≠y} z_j, the logit-scaled confidence of
+  LiRA (Carlini et al. 2022, §IV-B), computed from the logits so that it stays finite when p_y
+  rounds to 1;
+* ``label_prob`` = p_y, the likelihood Pr(x | θ) of RMIA (Zarifzadeh et al. 2024);
+* ``probs``: the full softmax, for attacks that need it.
+
+Batched, without gradients, shortest texts first. The model is read from a run directory's
+``model/`` like any Hugging Face checkpoint; nothing of the training engine is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Per-example signals of one model on one list of labelled texts (aligned arrays)."""
+
+    loss: np.ndarray
+    phi: np.ndarray
+    label_prob: np.ndarray
+    probs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def save(self, path: Path) -> None:
+        """Write as .npz (plain float arrays, readable with ``allow_pickle=False``)."""
+        from dptrain.rundir import write_bytes_atomic
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, loss=self.loss, phi=self.phi, label_prob=self.label_prob, probs=self.probs)
+        write_bytes_atomic(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> "Signals":
+        with np.load(Path(path), allow_pickle=False) as f:
+            return cls(loss=f["loss"], phi=f["phi"], label_prob=f["label_prob"], probs=f["probs"])
+
+
+def signals_from_logits(logits: np.ndarray, labels: np.ndarray) -> Signals:
+    """Loss, φ, p_y and softmax from logits [n, K] and labels [n], in float64, stably."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 2 or y.shape != (z.shape[0],):
+        raise ValueError(f"logits must be [n, K] and labels [n], got {z.shape} and {y.shape}.")
+    if z.shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 classes, got {z.shape[1]}.")
+    rows = np.arange(len(y))
+    top = z.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    z_y = z[rows, y]
+    others = z.copy()
+    others[rows, y] = -np.inf
+    o_top = others.max(axis=1, keepdims=True)
+    log_others = o_top[:, 0] + np.log(np.exp(others - o_top).sum(axis=1))
+    log_p = z - log_norm[:, None]
+    return Signals(
+        loss=log_norm - z_y,
+        phi=z_y - log_others,
+        label_prob=np.exp(z_y - log_norm),
+        probs=np.exp(log_p).astype(np.float32),
+    )
+
+
+def load_classifier(run_dir: str | Path):
+    """(model, tokenizer) of a run directory, in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dptrain.errors import ModelError
+
+    model_dir = Path(run_dir) / "model"
+    if not (model_dir / "config.json").exists():
+        raise ModelError(f"{run_dir} holds no trained model (no model/config.json).")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int], *,
+                    max_length: int = 64, batch_size: int = 128) -> Signals:
+    """Signals of ``model`` on labelled texts (labels are class ids of the model's head)."""
+    import torch
+
+    from dptrain.data import Split, collate, encode
+
+    labels = np.asarray(labels, dtype=np.int64)
+    encoded = encode(tokenizer, Split(tuple(texts), labels), max_length)
+    order = np.argsort(encoded.lengths, kind="stable")
+    logits = np.empty((len(labels), model.config.num_labels), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate(encoded, idx, tokenizer.pad_token_id)
+            batch.pop("labels", None)
+            logits[idx] = model(**batch).logits.double().numpy()
+    model.train(was_training)
+    return signals_from_logits(logits, labels)
