@@ -76,16 +76,9 @@ def signals_from_logits(logits: np.ndarray, labels: np.ndarray) -> Signals:
 
 def load_classifier(run_dir: str | Path):
     """(model, tokenizer) of a run directory, in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from dptrain.models import load_trained
 
-    from dptrain.errors import ModelError
-
-    model_dir = Path(run_dir) / "model"
-    if not (model_dir / "config.json").exists():
-        raise ModelError(f"{run_dir} holds no trained model (no model/config.json).")
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return model.eval(), tokenizer
+    return load_trained(Path(run_dir) / "model")
 
 
 def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int], *,

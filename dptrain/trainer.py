@@ -68,6 +68,9 @@ class TrainConfig:
         "help": "per-sample clipping bound C, or 'auto' (automatic clipping, Bu et al. 2023)"})
     trainable: str = field(default="all", metadata={
         "help": "which parameters train: all | head | last-K | bias"})
+    pooling: str = field(default="auto", metadata={
+        "help": "sentence representation: cls (the model's own head) | mean (of token states) | "
+                "auto (mean for sentence-transformers checkpoints such as minilm, else cls)"})
     max_length: int = field(default=64, metadata={"help": "truncate utterances to this many tokens"})
     accountant: str = field(default="prv", metadata={"help": "privacy accountant: prv | rdp"})
     seed: int = field(default=0, metadata={"help": "seed of data splits, initialization, dropout"})
@@ -97,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
+        if self.pooling not in ("auto", "cls", "mean"):
+            raise ConfigError(f"pooling must be one of auto, cls, mean, got {self.pooling!r}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
@@ -277,7 +282,7 @@ def train_run(
 
     from .models import load_model, set_trainable
 
-    model, tokenizer = load_model(config.model, data.num_labels, data.label_names)
+    model, tokenizer = load_model(config.model, data.num_labels, data.label_names, config.pooling)
     n_trainable = set_trainable(model, config.trainable)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
     pad = tokenizer.pad_token_id

@@ -1,0 +1,106 @@
+"""Model resolution: local HF checkpoints, mean pooling for sentence encoders, trainable choices."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+from dptrain import ConfigError, ModelError, PerSampleClipper
+from dptrain.models import MeanPoolingClassifier, load_model, load_trained, set_trainable
+from oracle import assert_grads_close, clipped_sum, norms_of, per_example_grads
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, tiny_tokenizer):
+    """A tiny random BERT saved like a sentence-transformers checkpoint (mean pooling)."""
+    torch.manual_seed(0)
+    path = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return path
+
+
+def test_auto_pooling_is_mean_for_sentence_encoders_and_cls_otherwise(encoder_dir):
+    model, _ = load_model(str(encoder_dir), 3, ["a", "b", "c"])
+    assert isinstance(model, MeanPoolingClassifier)
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert not any("pooler" in n for n, _ in model.named_parameters())  # unused: not trained
+    (encoder_dir / "1_Pooling" / "config.json").unlink()
+    model, _ = load_model(str(encoder_dir), 3)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    model, _ = load_model(str(encoder_dir), 3, pooling="mean")
+    assert isinstance(model, MeanPoolingClassifier)
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        load_model(str(encoder_dir), 3, pooling="max")
+
+
+def test_mean_pooling_ignores_padding(encoder_dir, tiny_tokenizer):
+    model, tok = load_model(str(encoder_dir), 3)
+    model.eval()
+    short = tok(["check my balance"], return_tensors="pt")
+    padded = tok(["check my balance", "what time is it in paris right now please"], padding=True,
+                 return_tensors="pt")
+    with torch.no_grad():
+        alone = model(**short).logits[0]
+        in_batch = model(**padded).logits[0]
+    torch.testing.assert_close(alone, in_batch, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_mean_pooling_classifier_round_trips_and_refuses_plain_hf_loading(encoder_dir, tmp_path):
+    model, tok = load_model(str(encoder_dir), 3, ["a", "b", "c"])
+    model.eval()
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    back, tok2 = load_trained(out)
+    batch = tok2(["check my balance", "play music"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, model(**batch).logits)
+    with pytest.raises((OSError, ValueError)):  # no config.json on top: HF refuses, no random head
+        AutoModelForSequenceClassification.from_pretrained(out)
+    with pytest.raises(ModelError, match="holds no trained classifier"):
+        load_trained(tmp_path / "nothing")
+
+
+def test_per_sample_clipping_is_exact_through_mean_pooling_with_padding(encoder_dir, tiny_tokenizer):
+    model, tok = load_model(str(encoder_dir), 3)
+    model = model.double()
+    model.dropout.p = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    texts = ["check my balance", "play some music now", "hi", "what time is it in paris tonight"]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([0, 1, 2, 1])
+    ref = per_example_grads(model, lambda i: model(**{k: v[i:i + 1] for k, v in batch.items()}).loss, 4)
+    c = float(norms_of(ref).median())
+    expected = clipped_sum(ref, c)
+    clipper = PerSampleClipper(model, max_grad_norm=c, keep_norms=True)
+    model(**batch).loss.backward()
+    torch.testing.assert_close(clipper.last_norms, norms_of(ref), rtol=1e-8, atol=0)
+    assert_grads_close(model, expected)
+    clipper.detach()
+
+
+@pytest.mark.parametrize("spec, trains, frozen", [
+    ("head", ["classifier.weight"], ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.1.output.dense.weight"]),
+    ("last-1", ["classifier.weight", "encoder.encoder.layer.1.output.dense.weight"], ["encoder.encoder.layer.0.output.dense.weight", "encoder.embeddings.word_embeddings.weight"]),
+    ("bias", ["classifier.weight", "encoder.encoder.layer.0.output.dense.bias"], ["encoder.encoder.layer.0.output.dense.weight"]),
+    ("all", ["encoder.embeddings.word_embeddings.weight", "classifier.bias"], []),
+])
+def test_trainable_selection(encoder_dir, spec, trains, frozen):
+    model, _ = load_model(str(encoder_dir), 3)
+    count = set_trainable(model, spec)
+    params = dict(model.named_parameters())
+    assert all(params[n].requires_grad for n in trains)
+    assert not any(params[n].requires_grad for n in frozen)
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="last-K needs K in"):
+        set_trainable(model, "last-9")
+    with pytest.raises(ConfigError, match="trainable must be one of"):
+        set_trainable(model, "some")
