@@ -46,3 +46,15 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     assert tokenizer.convert_tokens_to_ids("balance") != tokenizer.unk_token_id
     assert tokenizer.pad_token_id == 0
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: they gain nothing from threads, and on a
+    shared 2-core machine two contended threads run them several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
