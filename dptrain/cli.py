@@ -95,6 +95,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller, faster version (tests, CI)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+
+    audit = sub.add_parser("audit", help="one-run privacy audit: train once with canaries, "
+                           "report a lower bound on epsilon",
+                           description="Insert M audit canaries (each included with probability "
+                           "1/2), train once with the given recipe, score the canaries and report "
+                           "a one-run lower bound on epsilon (Steinke, Nasr, Jagielski 2023) in "
+                           "DIR/report.json, with DIR/canary_scores.png and the run in DIR/run.")
+    audit.add_argument("--out", required=True, type=Path, help="audit directory to create")
+    audit.add_argument("--canaries", type=_integer, default=None, metavar="M",
+                       help="number of audit canaries, >= 2 and at most the natural training "
+                       "examples (default: 1000, or the training-set size when smaller)")
+    audit.add_argument("--confidence", type=_number, default=0.95,
+                       help="probability that each reported bound holds, in (0.5, 1) "
+                       "(default: 0.95)")
+    audit.add_argument("--correction", default="bonferroni",
+                       help="how the choice of guess counts and thresholds is paid for: "
+                       "bonferroni | split (default: bonferroni)")
+    audit.add_argument("--canary-seed", type=_integer, default=None,
+                       help="seed of the canaries' inclusion coins (default: OS entropy; a known "
+                       "seed tells anyone which canaries were in: experiments only)")
+    audit.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(audit, TrainConfig)
+    audit.set_defaults(handler=_cmd_audit)
+
+    attack = sub.add_parser("attack", help="attack a trained run: membership inference",
+                            description="Attacks that measure what a trained run leaks.")
+    attack_sub = attack.add_subparsers(dest="attack", required=True, parser_class=_Parser)
+    mia = attack_sub.add_parser(
+        "mia", help="membership inference (loss, LiRA, RMIA) with empirical epsilon bounds",
+        description="Membership inference against a finished run: the loss attack, LiRA online "
+        "and offline, RMIA, with reference (shadow) models trained with the run's own recipe on "
+        "random halves of its population (cached and reused). Writes report.json (metrics, "
+        "empirical epsilon lower bounds next to the claimed epsilon), roc.png and scores.npz.")
+    mia.add_argument("--run", required=True, type=Path, help="finished run directory to attack")
+    mia.add_argument("--out", type=Path, default=None,
+                     help="directory for the report (default: RUN/attacks)")
+    mia.add_argument("--shadows", type=_integer, default=8, metavar="K",
+                     help="reference models, even, >= 2 (default: 8)")
+    mia.add_argument("--attacks", default="loss,lira_online,lira_offline,rmia",
+                     help="comma-separated: loss, lira_online, lira_offline, rmia, rmia_offline "
+                     "(default: loss,lira_online,lira_offline,rmia)")
+    mia.add_argument("--shadow-dir", type=Path, default=None,
+                     help="root of the shadow-model cache (default: RUN/../.dptrain-shadows)")
+    mia.add_argument("--confidence", type=_number, default=0.95,
+                     help="probability that each epsilon bound holds, in (0.5, 1) (default: 0.95)")
+    mia.add_argument("--max-eval", type=_integer, default=None, metavar="N",
+                     help="evaluate at most N members and N non-members (default: all of the "
+                     "smaller group)")
+    mia.add_argument("--seed", type=_integer, default=0,
+                     help="seed of the shadow assignment, the balancing and RMIA (default: 0)")
+    mia.add_argument("--quiet", action="store_true", help="no progress bar")
+    mia.set_defaults(handler=_cmd_attack_mia)
     return parser
 
 
@@ -125,6 +177,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, model=args.model, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from attacks.audit_run import AuditRunOptions, run_audit
+
+    from .trainer import TrainConfig
+
+    options = AuditRunOptions(canaries=args.canaries, confidence=args.confidence,
+                              correction=args.correction, canary_seed=args.canary_seed)
+    config = _config_from(args, TrainConfig)
+    outcome = run_audit(config, args.out, options, progress=not args.quiet)
+    for line in outcome.summary:
+        print(line)
+    print(f"audit written to {outcome.out_dir}")
+    return 0
+
+
+def _cmd_attack_mia(args: argparse.Namespace) -> int:
+    from attacks.membership import run_membership_inference
+
+    report = run_membership_inference(
+        args.run, args.out, n_shadows=args.shadows, attacks=args.attacks.split(","),
+        shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
+        seed=args.seed, progress=not args.quiet)
+    key = lambda f: repr(float(f))  # noqa: E731 - metric keys as in report.json
+    rows = [["attack", "AUC", "TPR@0.1%", "TPR@1%", "TPR@10%", "eps_lb CP", "eps_lb GDP"]]
+    for name, a in report["attacks"].items():
+        rows.append([name, f"{a['auc']:.3f}",
+                     *(f"{a['tpr_at_fpr'][key(f)]:.1%}" for f in (0.001, 0.01, 0.1)),
+                     f"{a['epsilon_lb']['clopper_pearson']:.2f}", f"{a['epsilon_lb']['gdp']:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    for line in report["summary"]:
+        print(line)
+    out = args.out if args.out is not None else args.run / "attacks"
+    print(f"report written to {out}")
     return 0
 
 
