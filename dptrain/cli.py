@@ -198,6 +198,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_attack_mia(args: argparse.Namespace) -> int:
     from attacks.membership import run_membership_inference
 
+    from .summary import print_rows
+
     report = run_membership_inference(
         args.run, args.out, n_shadows=args.shadows, attacks=args.attacks.split(","),
         shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
@@ -208,12 +210,7 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
         rows.append([name, f"{a['auc']:.3f}",
                      *(f"{a['tpr_at_fpr'][key(f)]:.1%}" for f in (0.001, 0.01, 0.1)),
                      f"{a['epsilon_lb']['clopper_pearson']:.2f}", f"{a['epsilon_lb']['gdp']:.2f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     for line in report["summary"]:
         print(line)
     out = args.out if args.out is not None else args.run / "attacks"

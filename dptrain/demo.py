@@ -2,8 +2,14 @@
 
 Trains the same classifier three times on the built-in synthetic intents — without privacy, at
 ε = 8 and at ε = 1 (δ = 1e-5) — and prints accuracy and ε side by side, with a privacy–utility
-figure. Uses the packaged all-MiniLM-L6-v2 when it is installed, else the tiny random BERT.
-Finished runs are reused and stopped ones resumed, so running the demo again loses nothing.
+figure. Then it attacks each model as a privacy reviewer would first: the loss-threshold
+membership-inference attack (Yeom et al. 2018; no shadow models, so it takes seconds), with its
+AUC, TPR at 1% FPR and the empirical ε lower bound next to the claimed ε (each run's
+``attacks/report.json`` and ``attacks/roc.png``). LiRA, RMIA and the one-run audit cost extra
+training runs: ``dptrain attack mia --run DIR`` and ``dptrain audit``.
+
+Uses the packaged all-MiniLM-L6-v2 when it is installed, else the tiny random BERT. Finished runs
+and attack reports are reused and stopped runs resumed, so running the demo again loses nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Sequence
 
 from . import rundir
 from .models import MINILM, TINY, minilm_available
-from .summary import plot_privacy_utility, print_table
+from .summary import plot_privacy_utility, print_rows, print_table
 from .trainer import RunSummary, TrainConfig, train_run
 
 EPSILONS = (math.inf, 8.0, 1.0)
@@ -30,6 +37,34 @@ def demo_config(model: str, quick: bool) -> TrainConfig:
                            batch_size=256, lr=3e-3, delta=1e-5, seed=0)
     return TrainConfig(data="synthetic", model=model, synthetic_per_intent=80, epochs=3.0,
                        batch_size=128, lr=1e-3, delta=1e-5, seed=0)
+
+
+def attack_run(run_dir: Path) -> dict:
+    """The loss attack's report on a finished run, from ``run_dir/attacks`` or computed now."""
+    from attacks.membership import run_membership_inference
+    from attacks.report import REPORT
+
+    path = run_dir / "attacks" / REPORT
+    if path.exists():
+        return rundir.read_json(path)
+    return run_membership_inference(run_dir, attacks=["loss"], progress=False)
+
+
+def attack_rows(summaries: Sequence[RunSummary], reports: Sequence[dict]) -> list[list[str]]:
+    """One row per run: claimed ε, the loss attack's AUC and TPR@1% FPR, the empirical ε bound."""
+    rows = [["run", "ε claimed", "attack AUC", "TPR@1%FPR", "ε ≥ (measured)", "verdict"]]
+    for s, report in zip(summaries, reports):
+        claimed = float(s.privacy["epsilon"])
+        loss = report["attacks"]["loss"]
+        measured = report["empirical_epsilon"]["clopper_pearson"]
+        if not math.isfinite(claimed):
+            verdict = "no claim"
+        else:
+            verdict = "claim refuted!" if measured > claimed else "consistent"
+        rows.append([Path(s.out_dir).name, "∞" if not math.isfinite(claimed) else f"{claimed:.2f}",
+                     f"{loss['auc']:.3f}", f"{loss['tpr_at_fpr'][repr(0.01)]:.1%}",
+                     f"{measured:.2f}", verdict])
+    return rows
 
 
 def run_demo(out: Path, model: str | None = None, quick: bool = False, progress: bool = True) -> list[RunSummary]:
@@ -48,8 +83,12 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
         resume = (run_dir / rundir.CHECKPOINT).exists()
         print(f"[demo] {label}: {'resuming' if resume else 'training'} {model} → {run_dir}", flush=True)
         summaries.append(train_run(config, run_dir, resume=resume, progress=progress))
+    print("[demo] attacking each model: loss-threshold membership inference", flush=True)
+    reports = [attack_run(Path(s.out_dir)) for s in summaries]
     print()
     print_table(summaries)
+    print("\nWhat an attacker measures (members vs held-out examples, 95% confidence):")
+    print_rows(attack_rows(summaries, reports))
     figure = out / "privacy_utility.png"
     plot_privacy_utility(figure, summaries, title=f"{model} on synthetic intents")
     rundir.write_json(out / "summary.json", {
@@ -57,7 +96,12 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
         "runs": [{"run": str(s.out_dir), "target_epsilon": s.privacy["target_epsilon"],
                   "epsilon": s.privacy["epsilon"], "delta": s.privacy["delta"],
                   "accuracy": s.metrics["accuracy"], "macro_f1": s.metrics["macro_f1"],
-                  "seconds": s.seconds} for s in summaries],
+                  "seconds": s.seconds,
+                  "loss_attack_auc": r["attacks"]["loss"]["auc"],
+                  "loss_attack_tpr_at_1pct_fpr": r["attacks"]["loss"]["tpr_at_fpr"][repr(0.01)],
+                  "empirical_epsilon_lb": r["empirical_epsilon"]["clopper_pearson"],
+                  "attack_report": str(Path(s.out_dir) / "attacks" / "report.json")}
+                 for s, r in zip(summaries, reports)],
     })
-    print(f"\nprivacy–utility figure: {figure}")
+    print(f"\nprivacy–utility figure: {figure}; ROC curves: {out}/*/attacks/roc.png")
     return summaries

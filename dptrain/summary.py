@@ -32,7 +32,11 @@ def table_rows(summaries: Sequence) -> list[list[str]]:
 
 
 def print_table(summaries: Sequence, file=None) -> None:
-    rows = table_rows(summaries)
+    print_rows(table_rows(summaries), file=file)
+
+
+def print_rows(rows: Sequence[Sequence[str]], file=None) -> None:
+    """A header row and data rows as aligned columns: first left-aligned, the rest right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "  ".join("-" * w for w in widths)
     for k, row in enumerate(rows):

@@ -220,3 +220,34 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "missing.csv" in proc.stderr
+
+
+def test_demo_trains_three_runs_and_attacks_each(tmp_path, capsys):
+    """The main job, quick version: ∞ / 8 / 1 side by side, then the loss attack on each."""
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
+                                capsys)
+    assert code == 0, err
+    summary = read(out, "summary.json")
+    runs = summary["runs"]
+    assert [r["target_epsilon"] for r in runs] == ["inf", 8.0, 1.0]
+    for r in runs[1:]:
+        assert 0.9 * r["target_epsilon"] < r["epsilon"] <= r["target_epsilon"]
+    for r in runs:
+        report = json.loads(Path(r["attack_report"]).read_text())
+        assert report["attacks"]["loss"]["auc"] == pytest.approx(r["loss_attack_auc"])
+        assert 0 <= r["loss_attack_auc"] <= 1
+        # a private run's measured leakage never exceeds its claim: that would be a privacy bug
+        if r["target_epsilon"] != "inf":
+            assert r["empirical_epsilon_lb"] <= r["epsilon"]
+    assert (out / "privacy_utility.png").exists() and (out / "eps_1" / "attacks" / "roc.png").exists()
+    assert "What an attacker measures" in stdout and "attack AUC" in stdout
+    assert stdout.count("consistent") == 2 and "no claim" in stdout
+
+    # a second demo reuses every run and report: nothing is trained or attacked again
+    before = (out / "eps_8" / "attacks" / "report.json").stat().st_mtime_ns
+    code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
+                                capsys)
+    assert code == 0, err
+    assert stdout.count("reusing the finished run") == 3
+    assert (out / "eps_8" / "attacks" / "report.json").stat().st_mtime_ns == before
