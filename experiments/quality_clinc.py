@@ -35,14 +35,15 @@ RECIPE = TrainConfig(
 )
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_overrides(items: list[str], recipe: TrainConfig = RECIPE) -> dict:
+    """``["lr=5e-4", "epochs=6"]`` → ``{"lr": 0.0005, "epochs": 6.0}``, typed like ``recipe``."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in fields:
             raise SystemExit(f"--set {item}: unknown field {key!r}")
-        current = getattr(RECIPE, key)
+        current = getattr(recipe, key)
         if isinstance(current, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(current, int) and not isinstance(current, bool):
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides for the ε = ∞ run only")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    recipe = dataclasses.replace(RECIPE, **_parse_set(args.set))
+    recipe = dataclasses.replace(RECIPE, **parse_overrides(args.set))
     if recipe.data == str(DEFAULT_DATA) and not DEFAULT_DATA.exists():
         raise SystemExit(f"{DEFAULT_DATA} not found: pass --set data=PATH")
     summaries = []
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         eps = float(text)
         config = dataclasses.replace(recipe, epsilon=eps)
         if math.isinf(eps):
-            config = dataclasses.replace(config, **_parse_set(args.baseline_set))
+            config = dataclasses.replace(config, **parse_overrides(args.baseline_set))
         run_dir = args.out / ("eps_inf" if math.isinf(eps) else f"eps_{eps:g}")
         if (run_dir / rundir.PRIVACY).exists():
             summaries.append(RunSummary.load(run_dir))
