@@ -25,12 +25,18 @@ from dptrain.trainer import RunSummary, TrainConfig, train_run
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
 
-# The recipe: full fine-tuning but for the embedding tables (half of MiniLM's parameters, most of
-# them rows no CLINC utterance uses: noise there only hurts), large Poisson batches (DP noise per
-# example shrinks as 1/B), automatic clipping, AdamW with linear decay.
+# The recipe: DP-train the classifier head only (mean-pooled all-MiniLM-L6-v2, 150 × 384 + 150
+# parameters), large Poisson batches, automatic clipping, AdamW with linear decay. Under DP the
+# noise grows with the number of parameters that train (σC per coordinate): fine-tuning the six
+# transformer blocks (11M parameters) reached 0.76 test accuracy at ε = 8 in 20 minutes, while the
+# head alone, on a representation already trained for sentence similarity, loses little to DP
+# and costs only forward passes through the encoder. lr was chosen on the validation split (a
+# sweep of 5e-3…1e-1 on cached features; hyperparameter search on private data spends privacy
+# that ε does not count — see the README). The non-private baseline of the same recipe is the
+# linear probe; --baseline-set trainable=last-6 --baseline-set lr=1e-3 gives full fine-tuning.
 RECIPE = TrainConfig(
     data=str(DEFAULT_DATA), model="minilm", delta=1e-5, epochs=10.0, batch_size=1024,
-    physical_batch_size=64, lr=1e-3, max_grad_norm="auto", trainable="last-6", max_length=48,
+    physical_batch_size=256, lr=5e-2, max_grad_norm="auto", trainable="head", max_length=48,
     seed=0,
 )
 
