@@ -68,6 +68,12 @@ def plot_privacy_utility(path: Path, summaries: Sequence, title: str) -> None:
             ax.annotate(f"{s.metrics['accuracy']:.2f}", (s.privacy["epsilon"], s.metrics["accuracy"]),
                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         ax.set_xscale("log")
+        # plain numbers at the runs' own ε, not "2×10⁰" log-axis labels
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks([s.privacy["epsilon"] for s in private])
+        ax.set_xticklabels([f"{s.privacy['epsilon']:.3g}" for s in private])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for s in baseline:
         ax.axhline(s.metrics["accuracy"], ls="--", color="gray",
                    label=f"non-private ({s.metrics['accuracy']:.2f})")
