@@ -35,9 +35,7 @@ from pathlib import Path
 from dptrain import rundir
 from dptrain.summary import print_rows
 from dptrain.trainer import RunSummary, TrainConfig, train_run
-from experiments.quality_clinc import parse_overrides
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
+from experiments.quality_clinc import DEFAULT_DATA, parse_overrides
 
 # Fine-tuning of all six transformer blocks (mean pooling, automatic clipping), with batches and
 # epochs for a 2,000-example training set. Not the head-only recipe of quality_clinc: a model
