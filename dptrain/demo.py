@@ -28,15 +28,19 @@ EPSILONS = (math.inf, 8.0, 1.0)
 
 
 def demo_config(model: str, quick: bool) -> TrainConfig:
-    """The demo's recipe: full fine-tuning, AdamW, automatic clipping, logical batch 256."""
+    """The demo's recipe: AdamW, automatic clipping, Poisson batches; head-only for MiniLM."""
     if quick:
         return TrainConfig(data="synthetic", model=model, synthetic_per_intent=30, epochs=2.0,
                            batch_size=64, lr=2e-3, delta=1e-5, seed=0)
     if model == TINY:
         return TrainConfig(data="synthetic", model=model, synthetic_per_intent=120, epochs=8.0,
                            batch_size=256, lr=3e-3, delta=1e-5, seed=0)
-    return TrainConfig(data="synthetic", model=model, synthetic_per_intent=80, epochs=3.0,
-                       batch_size=128, lr=1e-3, delta=1e-5, seed=0)
+    # MiniLM: DP-train the head of the mean-pooled encoder. Noise lands on every trained
+    # coordinate, so on small data the 58k-parameter head beats full fine-tuning by far under DP
+    # (README: CLINC150 at ε = 8, 0.926 vs 0.762), and it needs no backward pass through the encoder.
+    return TrainConfig(data="synthetic", model=model, synthetic_per_intent=80, epochs=8.0,
+                       batch_size=256, physical_batch_size=256, lr=5e-2, trainable="head",
+                       delta=1e-5, seed=0)
 
 
 def attack_run(run_dir: Path) -> dict:
