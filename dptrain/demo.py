@@ -43,15 +43,24 @@ def demo_config(model: str, quick: bool) -> TrainConfig:
                        delta=1e-5, seed=0)
 
 
-def attack_run(run_dir: Path) -> dict:
-    """The loss attack's report on a finished run, from ``run_dir/attacks`` or computed now."""
+def attack_run(run_dir: Path) -> tuple[dict, Path]:
+    """The loss attack's report on a finished run and where it is, reused or computed now.
+
+    A report the user made under ``attacks/`` with other attacks is never overwritten: the
+    demo's own then goes to ``attacks-loss/``.
+    """
     from attacks.membership import run_membership_inference
     from attacks.report import REPORT
 
-    path = run_dir / "attacks" / REPORT
-    if path.exists():
-        return rundir.read_json(path)
-    return run_membership_inference(run_dir, attacks=["loss"], progress=False)
+    out = run_dir / "attacks"
+    if (out / REPORT).exists():
+        report = rundir.read_json(out / REPORT)
+        if "loss" in report.get("attacks", {}):
+            return report, out
+        out = run_dir / "attacks-loss"  # the user's report under attacks/ stays as it is
+        if (out / REPORT).exists():
+            return rundir.read_json(out / REPORT), out
+    return run_membership_inference(run_dir, out, attacks=["loss"], progress=False), out
 
 
 def attack_rows(summaries: Sequence[RunSummary], reports: Sequence[dict]) -> list[list[str]]:
@@ -88,7 +97,8 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
         print(f"[demo] {label}: {'resuming' if resume else 'training'} {model} → {run_dir}", flush=True)
         summaries.append(train_run(config, run_dir, resume=resume, progress=progress))
     print("[demo] attacking each model: loss-threshold membership inference", flush=True)
-    reports = [attack_run(Path(s.out_dir)) for s in summaries]
+    attacked = [attack_run(Path(s.out_dir)) for s in summaries]
+    reports = [report for report, _ in attacked]
     print()
     print_table(summaries)
     print("\nWhat an attacker measures (members vs held-out examples, 95% confidence):")
@@ -104,8 +114,8 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
                   "loss_attack_auc": r["attacks"]["loss"]["auc"],
                   "loss_attack_tpr_at_1pct_fpr": r["attacks"]["loss"]["tpr_at_fpr"][repr(0.01)],
                   "empirical_epsilon_lb": r["empirical_epsilon"]["clopper_pearson"],
-                  "attack_report": str(Path(s.out_dir) / "attacks" / "report.json")}
-                 for s, r in zip(summaries, reports)],
+                  "attack_report": str(where / "report.json")}
+                 for s, (r, where) in zip(summaries, attacked)],
     })
-    print(f"\nprivacy–utility figure: {figure}; ROC curves: {out}/*/attacks/roc.png")
+    print(f"\nprivacy–utility figure: {figure}; ROC curves: {out}/*/attacks*/roc.png")
     return summaries

@@ -251,3 +251,20 @@ def test_demo_trains_three_runs_and_attacks_each(tmp_path, capsys):
     assert code == 0, err
     assert stdout.count("reusing the finished run") == 3
     assert (out / "eps_8" / "attacks" / "report.json").stat().st_mtime_ns == before
+
+
+def test_demo_keeps_a_users_attack_report_without_the_loss_attack(tmp_path, capsys):
+    """A report the user made with other attacks is neither overwritten nor misread."""
+    out = tmp_path / "demo"
+    assert run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)], capsys)[0] == 0
+    users = out / "eps_8" / "attacks" / "report.json"
+    report = json.loads(users.read_text())
+    report["attacks"] = {"rmia": report["attacks"]["loss"]}  # as if run with --attacks rmia
+    users.write_text(json.dumps(report))
+    code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
+                                capsys)
+    assert code == 0, err
+    assert json.loads(users.read_text()) == report
+    summary = read(out, "summary.json")
+    assert summary["runs"][1]["attack_report"] == str(out / "eps_8" / "attacks-loss" / "report.json")
+    assert (out / "eps_8" / "attacks-loss" / "roc.png").exists()
