@@ -65,12 +65,12 @@ class AttackMetrics:
             "auc": float(self.auc),
             "balanced_accuracy": float(self.balanced_accuracy),
             "advantage": float(self.advantage),
-            "tpr_at_fpr": {_key(f): float(v) for f, v in self.tpr_at_fpr.items()},
+            "tpr_at_fpr": {fpr_key(f): float(v) for f, v in self.tpr_at_fpr.items()},
             "false_positives_at_fpr": {
-                _key(f): int(v) for f, v in self.false_positives_at_fpr.items()
+                fpr_key(f): int(v) for f, v in self.false_positives_at_fpr.items()
             },
             "max_false_positives_at_fpr": {
-                _key(f): int(v) for f, v in self.max_false_positives_at_fpr.items()
+                fpr_key(f): int(v) for f, v in self.max_false_positives_at_fpr.items()
             },
             "n_members": int(self.n_members),
             "n_nonmembers": int(self.n_nonmembers),
@@ -82,7 +82,12 @@ class AttackMetrics:
         return out
 
 
-def _key(f: float) -> str:
+def fpr_key(f: float) -> str:
+    """The JSON key of a false-positive rate in ``tpr_at_fpr`` and its siblings.
+
+    >>> fpr_key(0.01)
+    '0.01'
+    """
     return repr(float(f))
 
 

@@ -13,6 +13,7 @@
                  epsilon_lb {clopper_pearson, gdp}, confidence, correction and the full audit
                  results (threshold, counts)
     empirical_epsilon  the best bound over all attacks, Bonferroni-corrected over them
+    verdict      the claim against those bounds (:func:`verdict`)
     summary      plain-English lines; the same lines `dptrain attack mia` prints
     seconds, files
 
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from attacks.audit import ThresholdAuditResult
-from attacks.metrics import AttackMetrics
+from attacks.metrics import AttackMetrics, fpr_key
 from dptrain import rundir
 
 REPORT = "report.json"
@@ -79,8 +80,19 @@ def _eps(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:.2f}"
 
 
-def _key(f: float) -> str:
-    return repr(float(f))
+def verdict(claimed: float, clopper_pearson: float, gdp: float) -> str:
+    """The claim against the measured bounds: 'no claim' (ε = ∞), 'refuted' (the
+    assumption-free Clopper-Pearson bound exceeds it), 'refuted if gaussian' (only the GDP bound
+    does) or 'consistent'.
+
+    >>> verdict(1.0, 0.2, 1.5), verdict(math.inf, 3.0, 3.0)
+    ('refuted if gaussian', 'no claim')
+    """
+    if not math.isfinite(claimed):
+        return "no claim"
+    if clopper_pearson > claimed:
+        return "refuted"
+    return "refuted if gaussian" if gdp > claimed else "consistent"
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -97,7 +109,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                  f"{pop['n_nonmembers']} non-members in the population) {claim}.")
     lines.append(f"Evaluated on {pop['evaluated']['how']}.")
 
-    key = _key(HEADLINE_FPR)
+    key = fpr_key(HEADLINE_FPR)
     best_name = max(attacks, key=lambda a: (attacks[a]["tpr_at_fpr"][key], attacks[a]["auc"]))
     best = attacks[best_name]
     fp, allowed = best["false_positives_at_fpr"][key], best["max_false_positives_at_fpr"][key]
@@ -113,18 +125,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     bound = (f"Empirical ε ≥ {cp:.2f} (Clopper-Pearson) and ≥ {gdp:.2f} (GDP) at "
              f"{emp['confidence']:.0%} confidence, best of {len(attacks)} "
              f"attack{'s' if len(attacks) > 1 else ''} with the confidence split over them")
-    if not math.isfinite(claimed):
-        verdict = "; the run makes no privacy claim to test, so this measures leakage only."
-    elif cp > claimed:
-        verdict = (f", ABOVE the claimed ε = {claimed:.2f}: evidence that the claim is wrong "
-                   "(or that the run broke an assumption of its accountant).")
-    elif gdp > claimed:
-        verdict = (f": the GDP bound is above the claimed ε = {claimed:.2f}, the assumption-free "
-                   "Clopper-Pearson bound is not — evidence against the claim only if the "
-                   "mechanism is Gaussian-DP.")
-    else:
-        verdict = f", below the claimed ε = {claimed:.2f}: no evidence against the claim."
-    lines.append(bound + verdict)
+    words = {
+        "no claim": "; the run makes no privacy claim to test, so this measures leakage only.",
+        "refuted": f", ABOVE the claimed ε = {claimed:.2f}: evidence that the claim is wrong "
+                   "(or that the run broke an assumption of its accountant).",
+        "refuted if gaussian": f": the GDP bound is above the claimed ε = {claimed:.2f}, the "
+                               "assumption-free Clopper-Pearson bound is not — evidence against "
+                               "the claim only if the mechanism is Gaussian-DP.",
+        "consistent": f", below the claimed ε = {claimed:.2f}: no evidence against the claim.",
+    }
+    lines.append(bound + words[report["verdict"]])
     lines.append("Caveat: these bounds count each evaluated example as an independent trial "
                  "against one trained model, so they are indicative; a formal audit includes "
                  "canaries at random (one run, Steinke et al. 2023).")
@@ -200,6 +210,8 @@ def write_mia_report(
         "empirical_epsilon": combined,
         "confidence": confidence,
     }
+    report["verdict"] = verdict(_number(theoretical.get("epsilon")),
+                                combined["clopper_pearson"], combined["gdp"])
     report["summary"] = summary_lines(report)
     report["seconds"] = seconds
     report["files"] = {"report": REPORT, "roc": ROC_PNG, "scores": SCORES}

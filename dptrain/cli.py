@@ -197,6 +197,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_attack_mia(args: argparse.Namespace) -> int:
     from attacks.membership import run_membership_inference
+    from attacks.metrics import fpr_key
 
     from .summary import print_rows
 
@@ -204,11 +205,10 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
         args.run, args.out, n_shadows=args.shadows, attacks=args.attacks.split(","),
         shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
         seed=args.seed, progress=not args.quiet)
-    key = lambda f: repr(float(f))  # noqa: E731 - metric keys as in report.json
     rows = [["attack", "AUC", "TPR@0.1%", "TPR@1%", "TPR@10%", "eps_lb CP", "eps_lb GDP"]]
     for name, a in report["attacks"].items():
         rows.append([name, f"{a['auc']:.3f}",
-                     *(f"{a['tpr_at_fpr'][key(f)]:.1%}" for f in (0.001, 0.01, 0.1)),
+                     *(f"{a['tpr_at_fpr'][fpr_key(f)]:.1%}" for f in (0.001, 0.01, 0.1)),
                      f"{a['epsilon_lb']['clopper_pearson']:.2f}", f"{a['epsilon_lb']['gdp']:.2f}"])
     print_rows(rows)
     for line in report["summary"]:

@@ -105,10 +105,11 @@ def _audit(config: TrainConfig, audit_dir: Path, canaries: int | None, progress:
 
 def _row(eps: float, target: RunSummary, mia: dict, mia_s: float, audit: dict | None,
          audit_s: float) -> dict:
-    key = repr(0.01)
+    from attacks.metrics import fpr_key
+
     attacks = {
-        name: {"auc": a["auc"], "tpr_at_0.1%_fpr": a["tpr_at_fpr"][repr(0.001)],
-               "tpr_at_1%_fpr": a["tpr_at_fpr"][key],
+        name: {"auc": a["auc"], "tpr_at_0.1%_fpr": a["tpr_at_fpr"][fpr_key(0.001)],
+               "tpr_at_1%_fpr": a["tpr_at_fpr"][fpr_key(0.01)],
                "epsilon_lb_clopper_pearson": a["epsilon_lb"]["clopper_pearson"],
                "epsilon_lb_gdp": a["epsilon_lb"]["gdp"]}
         for name, a in mia["attacks"].items()

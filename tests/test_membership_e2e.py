@@ -53,6 +53,7 @@ def test_report_json_has_the_documented_schema(workspace, report):
     assert on_disk["target"]["run_dir"] == str(workspace / "target")
     assert on_disk["target"]["model"] == "tiny" and on_disk["target"]["data"] == "synthetic"
     assert on_disk["theoretical"]["epsilon"] == "inf"  # privacy.json as written
+    assert on_disk["verdict"] == "no claim"
     pop = on_disk["population"]
     assert pop["n_population"] == 180 and pop["n_members"] == 144 and pop["n_nonmembers"] == 36
     assert pop["evaluated"]["n_members"] == pop["evaluated"]["n_nonmembers"] == 36
@@ -110,6 +111,7 @@ def test_a_private_run_is_judged_against_its_claim(workspace):
     claimed = report["theoretical"]["epsilon"]
     assert 7.5 < claimed <= 8.0
     assert report["empirical_epsilon"]["clopper_pearson"] < claimed
+    assert report["verdict"] == "consistent"
     assert any(f"claimed ε = {claimed:.2f}" in line and "no evidence against the claim" in line
                for line in report["summary"])
 
