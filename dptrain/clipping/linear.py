@@ -31,11 +31,17 @@ def _as_btd(x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def sources(calls: list[Call]) -> tuple[torch.Tensor, ...]:
+    """The captured inputs the activations of :func:`stacked` are built from (the cache key)."""
+    return tuple(c.inputs for c in calls)
+
+
 def stacked(calls: list[Call], batch_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations and output grads of all calls, concatenated along the sequence axis.
 
     A sample's gradient over several calls is the sum over calls of Σ_t g aᵀ, which is the same
     sum over the concatenated sequence: ghost norms and clipped sums then need no special case.
+    The activations are a function of :func:`sources` alone, which is what caches key on.
     """
     acts = [_as_btd(c.inputs, batch_size, f"the input of {name}") for c in calls]
     grads = [_as_btd(c.grad, batch_size, f"the output gradient of {name}") for c in calls]
@@ -64,15 +70,20 @@ def grad_buffer(p: nn.Parameter) -> torch.Tensor:
     return p.grad
 
 
-def weight_norm_sq(a: torch.Tensor, g: torch.Tensor, ctx: FlushContext) -> torch.Tensor:
-    """Per-sample ||Σ_t g_t a_tᵀ||² for a [B, T, d], g [B, T, p], ghost or instantiated."""
-    a, g = _upcast(a), _upcast(g)
+def weight_norm_sq(
+    a: torch.Tensor, g: torch.Tensor, ctx: FlushContext, keys: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Per-sample ||Σ_t g_t a_tᵀ||² for a [B, T, d], g [B, T, p], ghost or instantiated.
+
+    ``keys``: the captured tensors ``a`` was built from, under which its Gram matrix is cached.
+    """
+    g = _upcast(g)
     if use_ghost(a.shape[1], a.shape[2], g.shape[2], ctx.norm_method):
         batch = a.shape[0]
         gram_g = torch.bmm(g, g.transpose(1, 2))
         # Σ_{t,s} (a aᵀ)_{ts} (g gᵀ)_{ts} as one batched dot product: no [B, T, T] temporary
-        return torch.bmm(ctx.gram(a).reshape(batch, 1, -1), gram_g.reshape(batch, -1, 1)).reshape(batch)
-    per_sample = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
+        return torch.bmm(ctx.gram(keys, a).reshape(batch, 1, -1), gram_g.reshape(batch, -1, 1)).reshape(batch)
+    per_sample = torch.bmm(g.transpose(1, 2), _upcast(a))  # [B, p, d]
     return per_sample.pow(2).sum(dim=(1, 2))
 
 
@@ -88,7 +99,7 @@ class LinearRule(ClipRule):
         a, g = stacked(calls, ctx.batch_size, type(module).__name__)
         parts = []
         if ctx.trains(module, "weight"):
-            parts.append(weight_norm_sq(a, g, ctx))
+            parts.append(weight_norm_sq(a, g, ctx, sources(calls)))
         if module.bias is not None and ctx.trains(module, "bias"):
             parts.append(bias_norm_sq(g))
         return sum(parts)
@@ -99,7 +110,7 @@ class LinearRule(ClipRule):
             # Σ_i c_i g_iᵀ a_i: scale whichever side is narrower, then one matrix product.
             # (an attention block's q, k and v projections share one scaled input)
             if a.shape[-1] <= g.shape[-1]:
-                a, g_w = ctx.scaled(a, coef), g
+                a, g_w = ctx.scaled(sources(calls), a, coef), g
             else:
                 g_w = g * coef.to(g.dtype).view(-1, 1, 1)
             flat_g = g_w.reshape(-1, g_w.shape[-1])

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from ..errors import ModelError
 
@@ -46,36 +47,68 @@ class Call:
     inputs: Any
     grad: torch.Tensor | None = None
     state: str = "pending"
+    versions: tuple[tuple[torch.Tensor, int], ...] = ()
+
+    def __post_init__(self):
+        self.versions = tuple((t, t._version) for t in _tensors(self.inputs))
+
+    def set_grad(self, grad: torch.Tensor) -> None:
+        self.grad = grad.detach()
+        self.versions += ((self.grad, self.grad._version),)
+
+    def changed(self) -> bool:
+        """Whether a kept tensor was written in place after it was kept (its version moved):
+        the rule would then read values the layer never saw."""
+        return any(t._version != v for t, v in self.versions)
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [v for v in tree_flatten(tree)[0] if isinstance(v, torch.Tensor)]
+
+
+def fingerprint(x: torch.Tensor) -> tuple:
+    """What identifies a tensor's contents while it is alive: storage address, layout, dtype,
+    device and version counter (bumped by every in-place write)."""
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
 
 
 @dataclass
 class FlushContext:
     """Shared state for one flush (one physical batch): batch size, options, and caches.
 
-    ``gram`` caches ``a aᵀ`` per activation tensor, because the query, key and value projections
-    of an attention block read the same input and would otherwise compute it three times.
+    ``gram`` and ``scaled`` cache per *source*: the captured input tensors of a module's calls,
+    which the query, key and value projections of an attention block share. An entry keeps its
+    sources alive, so no other tensor can take their address while the entry exists; keying a
+    temporary (a concatenation, an fp32 upcast) by its address instead gives stale hits once it
+    is freed and the address is reused.
     """
 
     batch_size: int
     norm_method: str = "auto"
     trainable: dict[nn.Module, frozenset[str]] = field(default_factory=dict)
     scratch: dict[Any, Any] = field(default_factory=dict)
-    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _cache: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = field(default_factory=dict)
 
-    def gram(self, x: torch.Tensor) -> torch.Tensor:
-        """``x xᵀ`` per sample for ``x`` of shape [B, T, d] → [B, T, T], cached by storage."""
-        return self._cached("gram", x, lambda: torch.bmm(x, x.transpose(1, 2)))
+    def gram(self, sources: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """``x xᵀ`` per sample (in at least fp32) for ``x`` [B, T, d] built from ``sources``."""
 
-    def scaled(self, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """``coef_i · x_i`` for x [B, ...], cached by storage (one clip factor per flush)."""
-        return self._cached("scaled", x, lambda: x * coef.to(x.dtype).view(-1, *([1] * (x.dim() - 1))))
+        def compute():
+            up = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            return torch.bmm(up, up.transpose(1, 2))
 
-    def _cached(self, kind: str, x: torch.Tensor, compute) -> torch.Tensor:
-        key = (kind, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-        value = self._cache.get(key)
-        if value is None:
-            value = compute()
-            self._cache[key] = value
+        return self._cached("gram", sources, compute)
+
+    def scaled(self, sources: tuple[torch.Tensor, ...], x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """``coef_i · x_i`` for ``x`` [B, ...] built from ``sources`` (one clip factor per flush)."""
+        return self._cached("scaled", sources, lambda: x * coef.to(x.dtype).view(-1, *([1] * (x.dim() - 1))))
+
+    def _cached(self, kind: str, sources: tuple[torch.Tensor, ...], compute) -> torch.Tensor:
+        key = (kind, *(fingerprint(s) for s in sources))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit[1]
+        value = compute()
+        self._cache[key] = (tuple(sources), value)  # holding the sources pins their addresses
         return value
 
     def trains(self, module: nn.Module, name: str) -> bool:
