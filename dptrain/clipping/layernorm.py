@@ -40,12 +40,16 @@ class NormRule(ClipRule):
             a = batch_first(call.inputs, ctx.batch_size, f"the input of {type(module).__name__}")
             g = batch_first(call.grad, ctx.batch_size, f"the output gradient of {type(module).__name__}")
             g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-            reduce_dims = tuple(range(1, g.dim() - k))
+            reduce_dims = tuple(range(1, g.dim() - k))  # () for a [B, d] input: nothing to sum
+
+            def over_positions(x: torch.Tensor) -> torch.Tensor:
+                return x.sum(dim=reduce_dims) if reduce_dims else x  # sum(dim=()) sums everything
+
             parts = {}
             if ctx.trains(module, "weight"):
-                parts["weight"] = (g * _normalized(module, a)).sum(dim=reduce_dims)
+                parts["weight"] = over_positions(g * _normalized(module, a))
             if getattr(module, "bias", None) is not None and ctx.trains(module, "bias"):
-                parts["bias"] = g.sum(dim=reduce_dims)
+                parts["bias"] = over_positions(g)
             for name, value in parts.items():
                 grads[name] = value if name not in grads else grads[name] + value
         ctx.scratch[module] = grads
