@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .clipping import FALLBACK, NORM_METHODS, Call, ClipRule, FlushContext, refusal, rule_for
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DPTrainError, ModelError
 
 AUTO_CLIP_GAMMA = 0.01  # stability constant γ of automatic clipping (Bu et al. 2023, AUTO-S)
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -106,6 +107,7 @@ class PerSampleClipper:
         self._ctx: FlushContext | None = None  # per backward pass: batch size and caches
         self._norm_sq: torch.Tensor | None = None  # per-sample squared norms summed so far
         self._normed: set[nn.Module] = set()  # modules already in _norm_sq
+        self._verified = False  # batch axis and sample independence checked (see _verify_batch_axis)
         self._attach()
 
     # ---------------------------------------------------------------- attach / detach
@@ -184,8 +186,141 @@ class PerSampleClipper:
             # A previous forward was never backpropagated (e.g. a loss computed for logging):
             # forget it. If it is backpropagated later after all, its hooks raise (see below).
             self._drop_calls()
+        self._check_trainable_set()
         self._batch_size = _leading_dim(args, kwargs)
+        if not self._verified and self._batch_size is not None and self._batch_size >= 2:
+            self._verify_batch_axis(args, kwargs, self._batch_size)
         return None
+
+    def _check_trainable_set(self) -> None:
+        """Refuse a model whose trainable parameters changed since the clipper was attached.
+
+        A parameter unfrozen later would get autograd's raw gradient (neither clipped nor
+        noised); one frozen later would silently keep training. Both are decided once, here.
+        """
+        private = {id(p) for p in self.parameters}
+        advice = ("choose what trains before attaching (for gradual unfreezing, attach a new "
+                  "PerSampleClipper and DPOptimizer that share the same PrivacyLedger)")
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in private:
+                raise ModelError(
+                    f"parameter {name} was unfrozen after per-sample clipping was attached; its "
+                    f"gradient would be neither clipped nor noised: {advice}."
+                )
+        for module, names in self._trainable.items():
+            for n in sorted(names):
+                if not getattr(module, n).requires_grad:
+                    raise ModelError(
+                        f"parameter {self._names[module]}.{n} was frozen after per-sample clipping "
+                        f"was attached: {advice}."
+                    )
+
+    def _verify_batch_axis(self, args: tuple, kwargs: dict, batch: int) -> None:
+        """Check, once, that axis 0 of every clipped layer's input and output is the sample axis.
+
+        Shapes alone cannot say so: a sequence-first layer ([T, B, d]) looks batch-first when
+        T == B, and its "per-sample" gradients are then per position. So the model runs (eval
+        mode, no grad, no capture) on the first k = min(B, 4) samples and on their two halves,
+        with broadcast outputs expanded as in training; for every clipped layer, the halves'
+        inputs and outputs stacked on axis 0 must equal the whole's. A layer that indexes
+        samples on another axis fails on shape, one that mixes samples fails on value.
+        """
+        k = min(batch, 4)
+        half = k // 2
+        runs = [self._probe(args, kwargs, batch, lo, hi) for lo, hi in ((0, k), (0, k), (0, half), (half, k))]
+        whole, again, first, second = runs
+        for module, label in self._names.items():
+            pairs = zip(whole.get(module, []), again.get(module, []))
+            if not all(_close(x, y) for p, q in pairs for x, y in zip(p, q) if x is not None):
+                raise ModelError(
+                    f"{label} gives different results on the same samples in eval mode: the model "
+                    "uses random operations even in eval mode (e.g. F.dropout(training=True)), so "
+                    "dptrain cannot verify that axis 0 of every layer is the batch."
+                )
+        for module, label in self._names.items():
+            calls = [whole.get(module, []), first.get(module, []), second.get(module, [])]
+            if len({len(c) for c in calls}) != 1:
+                raise ModelError(
+                    f"{label} ran {len(calls[0])} time(s) on {k} samples but {len(calls[1])} and "
+                    f"{len(calls[2])} on their halves; dptrain cannot verify that axis 0 is the batch."
+                )
+            for j, (w, a, b) in enumerate(zip(*calls)):
+                for what, tw, ta, tb in zip(("input", "output"), w, a, b):
+                    if tw is not None and not _stacks_to(tw, ta, tb):
+                        raise ModelError(
+                            f"the {what} of {label} (call {j + 1}, shape {tuple(tw.shape)} for {k} "
+                            "samples) does not split by sample along axis 0: either the layer puts "
+                            "the batch on another axis (sequence-first, e.g. batch_first=False) or "
+                            "it mixes samples; per-sample clipping would clip the wrong rows. Put "
+                            "the batch on axis 0 of every layer's input and output."
+                        )
+        self._verified = True
+
+    def _probe(self, args: tuple, kwargs: dict, batch: int, lo: int, hi: int) -> dict:
+        """Each clipped layer's (first input, output) per call, running samples lo:hi in eval mode."""
+        seen, error, broadcast = self._run_probe(args, kwargs, batch, lo, hi)
+        if error is None:
+            return seen
+        if broadcast:  # name the layers whose per-sample expansion the model cannot take
+            candidates = self._run_probe(args, kwargs, batch, lo, hi, expand=frozenset())[2]
+            culprits = [m for m in candidates
+                        if self._run_probe(args, kwargs, batch, lo, hi, expand={m})[1] is not None]
+            names = ", ".join(self._names[m] for m in culprits or broadcast)
+            raise ModelError(
+                f"the model fails when the output of {names} (one row shared by every sample, "
+                "e.g. DeBERTa's relative-position projections) is expanded to one row per sample, "
+                "which per-sample clipping needs to keep each sample's gradient apart: freeze "
+                f"{'it' if len(culprits) == 1 else 'them'}. The model said: {error}"
+            )
+        raise ModelError(
+            f"dptrain runs the model once on {hi - lo} of the batch's samples to verify that axis 0 "
+            f"is the batch, and it failed: {error}"
+        )
+
+    def _run_probe(self, args, kwargs, batch, lo, hi, expand=None):
+        """(records, error text or None, modules with a broadcast output); ``expand``: the
+        modules whose broadcast output is expanded (default all, as in training)."""
+        n = hi - lo
+
+        def rows(v):
+            return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+
+        seen: dict[nn.Module, list] = {}
+        broadcast: list[nn.Module] = []
+
+        def record(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                return None
+            first = next((v for v in inputs if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+            seen.setdefault(module, []).append((first, output))
+            if n > 1 and output.dim() > 0 and output.shape[0] == 1:
+                if module not in broadcast:
+                    broadcast.append(module)
+                if expand is None or module in expand:
+                    return output.expand(n, *output.shape[1:])  # as the training forward does
+            return None
+
+        flat, spec = tree_flatten((args, kwargs))
+        p_args, p_kwargs = tree_unflatten([rows(v) for v in flat], spec)
+        modes = {m: m.training for m in self.model.modules()}
+        handles = [m.register_forward_hook(record) for m in self._rules]
+        self._suspended = True
+        error = None
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(*p_args, **p_kwargs)
+        except DPTrainError:
+            raise
+        except Exception as exc:  # the model's own failure, reported in one line by the caller
+            error = f"{type(exc).__name__}: {exc}".split("\n")[0]
+        finally:
+            self._suspended = False
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
+        return seen, error, broadcast
 
     def _pre_hook(self, module, args):
         if not self._capturing():
@@ -227,7 +362,7 @@ class PerSampleClipper:
                     f"{self._names[module]} received a second gradient for the same forward pass "
                     "(backward called twice, e.g. with retain_graph=True); run a new forward."
                 )
-            call.grad = grad.detach()
+            call.set_grad(grad)
             if not self._flush_queued:
                 self._flush_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self.flush)
@@ -270,6 +405,7 @@ class PerSampleClipper:
         calls = self._calls[module]
         if not rule.eager_norm or any(c.grad is None for c in calls):
             return
+        self._check_unchanged(module, calls)
         ctx = self._context(calls[0].grad.shape[0])
         with torch.no_grad():
             part = rule.norm_sq(module, calls, ctx)
@@ -290,7 +426,8 @@ class PerSampleClipper:
         self._batch_size = None
         if not active:
             return
-        for _, calls in active:
+        for m, calls in active:
+            self._check_unchanged(m, calls)
             for c in calls:
                 if c.grad.dim() == 0 or (ctx is not None and c.grad.shape[0] != ctx.batch_size):
                     raise ModelError(
@@ -318,6 +455,15 @@ class PerSampleClipper:
         self.rows_clipped += batch
         self.last_norms = norms.detach().clone() if self.keep_norms else None
 
+    def _check_unchanged(self, module: nn.Module, calls: list[Call]) -> None:
+        if any(c.changed() for c in calls):
+            name = self._names[module]
+            raise ModelError(
+                f"a tensor {name} read in the forward pass (its input) or its output gradient was "
+                f"modified in place afterwards (e.g. x += y or x.mul_(2) after {name}(x)); "
+                "per-sample clipping reads it in the backward pass: use an out-of-place op (x = x + y)."
+            )
+
     def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
         """c_i = min(1, C/(||G_i|| + 1e-6)), or 1/(||G_i|| + γ) for automatic clipping."""
         if self.max_grad_norm == "auto":
@@ -339,6 +485,32 @@ def _checkpointing(model: nn.Module) -> bool:
         if attr in dir(type(model)):
             return bool(getattr(model, attr))
     return False
+
+
+def _stacks_to(whole: torch.Tensor, first: torch.Tensor | None, second: torch.Tensor | None) -> bool:
+    """Whether ``first`` and ``second`` stacked on axis 0 equal ``whole``; a broadcast row
+    (leading size 1) must be the same row in all three."""
+    if first is None or second is None or whole.dim() == 0:
+        return False
+    if whole.shape[0] == 1 and first.shape[0] == 1 and second.shape[0] == 1:
+        return _close(first, whole) and _close(second, whole)
+    if first.shape[1:] != second.shape[1:]:
+        return False
+    return _close(torch.cat([first, second]), whole)
+
+
+def _close(part: torch.Tensor | None, want: torch.Tensor) -> bool:
+    """Equal shapes and values up to float round-off of batched kernels (relative to the
+    largest magnitude; half precision gets a wider band)."""
+    if part is None or part.shape != want.shape or part.dtype != want.dtype:
+        return False
+    if not part.is_floating_point():
+        return torch.equal(part, want)
+    if not want.numel():
+        return True
+    low = part.dtype in (torch.float16, torch.bfloat16)
+    tol = (5e-2 if low else 1e-3) * max(float(want.abs().max()), 1e-12)
+    return bool(((part.float() - want.float()).abs() <= tol).all())
 
 
 def _leading_dim(args: tuple, kwargs: dict) -> int | None:

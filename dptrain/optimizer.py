@@ -114,6 +114,7 @@ class DPOptimizer:
         if closure is not None:
             raise ConfigError("DPOptimizer.step does not take a closure; run forward/backward before it.")
         self.clipper.flush()  # no-op unless a backward's end-of-pass callback did not run
+        self._check_only_private_grads()
         if self.ledger is not None:
             self.ledger.check_step(self.noise_multiplier, self.sample_rate)
         self._check_rows()
@@ -125,6 +126,26 @@ class DPOptimizer:
         self.original_optimizer.step()
         self.steps += 1
         self.zero_grad()
+
+    def _check_only_private_grads(self) -> None:
+        """Fail closed: the wrapped optimizer must see no gradient the clipper did not make.
+
+        A parameter frozen when the clipper was attached and unfrozen later (gradual
+        unfreezing), or one added to the optimizer afterwards, gets autograd's raw gradient;
+        stepping would release it without clipping or noise.
+        """
+        private = {id(p) for p in self.clipper.parameters}
+        stray = [p for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and id(p) not in private]
+        if stray:
+            names = {id(p): n for n, p in self.clipper.model.named_parameters()}
+            which = ", ".join(names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for p in stray[:3])
+            raise ModelError(
+                f"{len(stray)} parameter(s) in the optimizer ({which}{', ...' if len(stray) > 3 else ''}) "
+                "have gradients that per-sample clipping did not produce (unfrozen or added after "
+                "make_private); stepping would release them without clipping or noise. Choose what "
+                "trains before make_private."
+            )
 
     def noisy_sum(self) -> list[torch.Tensor]:
         """Stage 'noise': ``p.grad += N(0, (σS)²)`` for every private parameter, in place."""

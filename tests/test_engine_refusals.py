@@ -137,3 +137,66 @@ def test_registry_refuses_a_second_rule_for_a_type_unless_replacing():
         pass
 
     assert type(rule_for(MyLayer())) is Third
+
+
+def test_parameter_unfrozen_outside_the_model_is_refused_at_step():
+    """A tensor the optimizer holds but the model does not (frozen when wrapped, unfrozen
+    later) gets a raw gradient; stepping would release it unclipped and un-noised."""
+    model = nn.Linear(3, 2)
+    extra = nn.Parameter(torch.zeros(2), requires_grad=False)
+    optimizer = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    dp = DPOptimizer(optimizer, clipper, noise_multiplier=1.0, expected_batch_size=4)
+    extra.requires_grad_(True)
+    (model(torch.randn(4, 3)) + extra).sum().backward()
+    with pytest.raises(ModelError, match="gradients that per-sample clipping did not produce"):
+        dp.step()
+    assert torch.equal(extra.detach(), torch.zeros(2))
+
+
+def test_parameter_frozen_after_attaching_is_refused_at_forward():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    PerSampleClipper(model)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ModelError, match=r"0\.weight was frozen after"):
+        model(torch.randn(4, 3))
+
+
+def test_sequence_first_linear_layers_are_refused_even_when_T_equals_B():
+    """ids [B, T] → [T, B, d] inside: with T == B every shape looks batch-first, so only the
+    structural check (sub-batches must stack on axis 0) can tell positions from samples."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.mix = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, ids):
+            h = self.emb(ids).transpose(0, 1)  # [T, B, d]
+            h = torch.tanh(self.mix(h)).cumsum(0)  # positions mix along axis 0
+            return self.head(h.transpose(0, 1).mean(1))
+
+    model = SeqFirst()
+    PerSampleClipper(model)
+    with pytest.raises(ModelError, match="mix .*does not split by sample along axis 0"):
+        model(torch.randint(0, 10, (5, 5)))
+
+
+def test_in_place_write_to_a_layer_input_after_the_layer_is_refused():
+    class Overwrites(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = x * 1.0
+            out = self.lin(h)
+            h.mul_(2.0)  # the captured input of lin no longer holds what lin saw
+            return out.sum(1) + h.detach().sum(1)
+
+    model = Overwrites()
+    PerSampleClipper(model)
+    with pytest.raises(ModelError, match="modified in place afterwards"):
+        model(torch.randn(3, 4)).sum().backward()
