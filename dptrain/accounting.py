@@ -7,7 +7,8 @@ Gaussian mechanisms. Two accountants bound its (ε, δ):
   2021, "Numerical composition of differential privacy"); tight, reports the upper end of its
   error interval.
 * ``"rdp"``: Rényi DP of the sampled Gaussian mechanism (Mironov, Talwar, Zhang 2019); simpler and
-  looser (10–20% larger ε at the same σ).
+  looser: typically 6–14% larger ε at the same σ, but it can be much larger at small sampling
+  rates (q = 0.001, σ = 0.8, 10,000 steps, δ = 1e-5: 1.38 against PRV's 0.79, +75%).
 
 σ is calibrated with the same accountant that later reports ε, so the reported ε never exceeds the
 target at the planned number of steps. The ledger refuses a step that would take ε past the
