@@ -18,7 +18,7 @@ _EXPORTS = {
     "PrivateTraining": "private_training", "make_private": "private_training",
     "PoissonSampler": "sampling", "physical_batches": "sampling",
     "ConfigError": "errors", "DataError": "errors", "DPTrainError": "errors", "ModelError": "errors",
-    "PrivacyBudgetExceeded": "errors",
+    "PrivacyBudgetExceeded": "errors", "OutputError": "errors",
     "TrainConfig": "trainer", "train_run": "trainer",
 }
 

@@ -48,8 +48,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: Sequence
         if f.name in skip:
             continue
         kind = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
-        default = f.default
-        shown = "OS entropy" if default is None else default
+        shown = f.metadata.get("default_text", f.default)  # the help text itself never says it
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=_PARSERS.get(kind, str),
             default=argparse.SUPPRESS, metavar=f.name.upper(),

@@ -291,9 +291,18 @@ def _open_text(path: Path, shown: str) -> TextIO:
         raise DataError(f"{shown} cannot be read: {_one_line(exc.strerror or exc)}.") from exc
 
 
-def _unicode_error(shown: str, exc: UnicodeDecodeError) -> DataError:
-    byte = exc.object[exc.start]
-    return DataError(f"{shown} must be UTF-8 text, got byte {byte:#04x} at offset {exc.start}.")
+def _unicode_error(path: Path, shown: str, exc: UnicodeDecodeError) -> DataError:
+    """Where the file stops being UTF-8: the decoder's offset is relative to its buffer, so
+    find the first bad byte in the file itself (only on this error path)."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+        start = exc.start  # pragma: no cover - the decoder found a bad byte, so the file has one
+    except UnicodeDecodeError as whole:
+        start = whole.start
+    line = data.count(b"\n", 0, start) + 1
+    return DataError(f"{shown} must be UTF-8 text, got byte {data[start]:#04x} at byte offset "
+                     f"{start} (line {line}).")
 
 
 def _read_delimited(path: Path, shown: str, text_column: str, label_column: str, tsv: bool) -> _Raw:
@@ -335,7 +344,7 @@ def _read_delimited(path: Path, shown: str, text_column: str, label_column: str,
                 f"line {reader.line_num} of {shown} must be valid {kind}, got: {_one_line(exc)}."
             ) from exc
         except UnicodeDecodeError as exc:
-            raise _unicode_error(shown, exc) from exc
+            raise _unicode_error(path, shown, exc) from exc
     return collector.finish()
 
 
@@ -369,7 +378,7 @@ def _read_jsonl(path: Path, shown: str, text_column: str, label_column: str) -> 
                     ) from exc
                 _add_object(collector, obj, where, text_column, label_column)
         except UnicodeDecodeError as exc:
-            raise _unicode_error(shown, exc) from exc
+            raise _unicode_error(path, shown, exc) from exc
     return collector.finish()
 
 
@@ -378,7 +387,7 @@ def _read_json(path: Path, shown: str, text_column: str, label_column: str) -> _
         try:
             content = handle.read()
         except UnicodeDecodeError as exc:
-            raise _unicode_error(shown, exc) from exc
+            raise _unicode_error(path, shown, exc) from exc
     try:
         document = json.loads(content)
     except json.JSONDecodeError as exc:

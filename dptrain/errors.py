@@ -27,3 +27,11 @@ class ConfigError(DPTrainError, ValueError):
 
 class PrivacyBudgetExceeded(DPTrainError, RuntimeError):
     """Taking another step would spend more than the target epsilon."""
+
+
+class OutputError(DPTrainError):
+    """An output cannot be written (read-only file system, no permission, disk full)."""
+
+
+class TrainingDiverged(DPTrainError, RuntimeError):
+    """The loss became NaN or infinite (typically a learning rate far too high)."""

@@ -235,24 +235,27 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
         pooling = (_sentence_transformer_pooling(Path(path)) if local else None) or "cls"
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    if local:
+        refuse_pickled_weights(Path(path))
     try:
         with _QuietHF():  # the "newly initialized head" report is expected here
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             if pooling == "mean":
                 try:
-                    encoder = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+                    encoder = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
+                                                        use_safetensors=True)
                 except TypeError:  # architectures without a pooler
-                    encoder = AutoModel.from_pretrained(path, local_files_only=True)
+                    encoder = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
                 encoder.config.update(_label_maps(label_names))
                 model = MeanPoolingClassifier(encoder, num_labels)
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True,
-                    **_label_maps(label_names),
+                    use_safetensors=True, **_label_maps(label_names),
                 )
     except (OSError, ValueError, KeyError) as exc:
         where = "in that directory" if local else "locally (hub names load from the local cache only)"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # whole, on one line
         raise ModelError(
             f"cannot load model '{name}' as a sequence classifier {where}: {reason}"
         ) from exc
@@ -267,6 +270,23 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
     return model, tokenizer
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickled_weights(directory: Path) -> None:
+    """A model directory must hold safetensors weights: pickled ones (``pytorch_model.bin``) can
+    run code when loaded, so they are refused, never unpickled."""
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"model directory {directory} holds only pickled weights ({', '.join(pickled[:3])}); "
+            "dptrain loads safetensors only, since unpickling can run code: convert them with "
+            "model.save_pretrained(dir, safe_serialization=True) where you trust the file."
+        )
+
+
 def load_trained(model_dir: str | Path):
     """(model, tokenizer) of a classifier saved by a run (either layout), in eval mode."""
     from safetensors.torch import load_file
@@ -276,18 +296,21 @@ def load_trained(model_dir: str | Path):
     pooled = model_dir / _POOLED_FORMAT
     if not pooled.exists() and not (model_dir / "config.json").exists():
         raise ModelError(f"{model_dir} holds no trained classifier.")
+    refuse_pickled_weights(model_dir / "encoder" if pooled.exists() else model_dir)
     try:
         with _QuietHF():
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             if pooled.exists():
                 meta = json.loads(pooled.read_text())
-                encoder = AutoModel.from_pretrained(model_dir / "encoder", local_files_only=True)
+                encoder = AutoModel.from_pretrained(model_dir / "encoder", local_files_only=True,
+                                                    use_safetensors=True)
                 model = MeanPoolingClassifier(encoder, int(meta["num_labels"]), float(meta["dropout"]))
                 model.classifier.load_state_dict(load_file(model_dir / "head.safetensors"))
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_dir, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"cannot load the classifier in {model_dir}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot load the classifier in {model_dir}: {' '.join(str(exc).split())}") from exc
     return model.eval(), tokenizer
 
 

@@ -13,7 +13,15 @@ DIR/checkpoint/      while training: weights, optimizer and ledger state for --r
 
 Files are written to a temporary name in the same directory, flushed, then renamed over the old
 one (``os.replace`` is atomic on POSIX), so a crash leaves either the old or the new file. The
-checkpoint is a directory: a new one is written beside the old, then swapped in.
+checkpoint is a directory: a new one is written beside the old, then swapped in; temporaries a
+crash left behind are removed when the run is resumed (:func:`clean_temporaries`).
+
+``privacy.json`` is written last and is the single commit point: a directory holding it is a
+finished run, whatever else a crash left beside it, and it is never trained again.
+
+File modes: every file and directory gets the mode an ordinary ``open``/``mkdir`` gives under
+the process umask (0644/0755 under the usual 022). A run directory holds private information
+(``members.json`` names the training examples): protect it like the training data.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 CONFIG = "config.json"
 PRIVACY = "privacy.json"
@@ -36,6 +44,7 @@ CURVES = "curves.json"
 CURVES_PNG = "curves.png"
 MODEL = "model"
 CHECKPOINT = "checkpoint"
+TMP_SUFFIX = ".partial"  # directories being built by replace_dir
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,16 +60,41 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cannot_write(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}.")
+
+
+def make_dir(path: Path) -> None:
+    """``mkdir -p`` that fails with one clear line (read-only file system, no permission)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(Path(path), exc) from None
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dir(path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the ordinary mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -88,10 +122,18 @@ def replace_dir(target: Path, fill) -> None:
     place, so at every moment one complete version exists.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    make_dir(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     try:
         fill(tmp)
+        _normalize_modes(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cannot_write(target, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,6 +145,27 @@ def replace_dir(target: Path, fill) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _normalize_modes(root: Path) -> None:
+    """One mode for everything a run writes, whatever the writer (HF saves some files 0600)."""
+    mask = _umask()
+    for path in Path(root).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def clean_temporaries(directory: Path) -> list[str]:
+    """Remove what interrupted writes left in ``directory`` (temporary files and directories of
+    :func:`write_bytes_atomic` and :func:`replace_dir`); returns their names."""
+    removed = []
+    for entry in Path(directory).glob(".*"):
+        if entry.name.endswith((".tmp", TMP_SUFFIX)):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
 
 
 def recover_dir(target: Path) -> None:

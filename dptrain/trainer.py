@@ -56,7 +56,7 @@ class TrainConfig:
     epsilon: float = field(default=8.0, metadata={
         "help": "target epsilon; 'inf' trains the non-private baseline with the same recipe"})
     delta: float | None = field(default=None, metadata={
-        "help": "target delta (default: min(1e-5, 1/(10 N)); must be < 1/N)"})
+        "help": "target delta; must be < 1/N", "default_text": "min(1e-5, 1/(10 N))"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training set (in expectation)"})
     batch_size: int = field(default=256, metadata={
         "help": "expected logical batch size; the Poisson sampling rate is batch_size / N"})
@@ -75,14 +75,14 @@ class TrainConfig:
     accountant: str = field(default="prv", metadata={"help": "privacy accountant: prv | rdp"})
     seed: int = field(default=0, metadata={"help": "seed of data splits, initialization, dropout"})
     dp_seed: int | None = field(default=None, metadata={
-        "help": "seed of Poisson sampling and noise (default: OS entropy; a known seed voids the "
-                "guarantee: experiments only)"})
+        "help": "seed of Poisson sampling and noise; a known seed voids the guarantee: "
+                "experiments only", "default_text": "OS entropy"})
     text_column: str = field(default="text", metadata={"help": "text column of CSV/TSV/JSONL/HF data"})
     label_column: str = field(default="label", metadata={"help": "label column of CSV/TSV/JSONL/HF data"})
     synthetic_per_intent: int = field(default=120, metadata={
         "help": "utterances per intent of --data synthetic"})
     checkpoint_every: int = field(default=0, metadata={
-        "help": "logical steps between checkpoints (default 0: once per epoch)"})
+        "help": "logical steps between checkpoints", "default_text": "0: once per epoch"})
 
     def __post_init__(self):
         eps = self.epsilon
@@ -98,6 +98,12 @@ class TrainConfig:
         _positive("synthetic_per_intent", self.synthetic_per_intent, int)
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        for name in ("seed", "dp_seed"):
+            value = getattr(self, name)
+            if value is None and name == "dp_seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ConfigError(f"{name} must be an integer in [0, 2^32), got {value!r}.")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         if self.pooling not in ("auto", "cls", "mean"):
@@ -120,9 +126,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}.")
         values = dict(values)
-        if isinstance(values.get("epsilon"), str):
-            values["epsilon"] = float(values["epsilon"])
-        return cls(**values)
+        if isinstance(values.get("epsilon"), str):  # JSON writes inf as "inf"
+            try:
+                values["epsilon"] = float(values["epsilon"])
+            except ValueError:
+                raise ConfigError(f"epsilon must be a number or 'inf', got {values['epsilon']!r}.") from None
+        try:
+            return cls(**values)
+        except TypeError as exc:  # e.g. a field of the wrong type that a comparison rejects
+            raise ConfigError(f"invalid configuration: {exc}.") from None
 
 
 def clip_bound(value: str | float) -> str | float:
@@ -212,22 +224,37 @@ def per_class_report(labels, preds, label_names) -> dict[str, dict[str, float]]:
     }
 
 
-def prepare_out_dir(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished or foreign directory; on resume, require a checkpoint."""
+def prepare_out_dir(out: Path, resume: bool) -> bool:
+    """Refuse to overwrite a finished or foreign directory; on resume, require a checkpoint.
+
+    Returns True when ``resume`` finds a finished run (``privacy.json``, the commit point, is
+    there): only the bookkeeping a crash interrupted is left to do, never more training.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory.")
-    rundir.recover_dir(out / rundir.CHECKPOINT)
-    has_checkpoint = (out / rundir.CHECKPOINT / "state.json").exists()
+    finished = (out / rundir.PRIVACY).exists()
+    has_checkpoint = (out / rundir.CHECKPOINT / "state.json").exists() or (
+        out / f".{rundir.CHECKPOINT}.old" / "state.json").exists()
     if resume:
+        if finished:
+            return True
         if not has_checkpoint:
-            if (out / rundir.PRIVACY).exists():
-                raise ConfigError(f"{out} holds a finished run; there is nothing to resume.")
             raise ConfigError(f"{out} holds no checkpoint to resume from.")
-        return
+        return False
     if out.exists() and any(out.iterdir()):
-        hint = " (a stopped run: add --resume)" if has_checkpoint else ""
+        hint = " (a stopped run: add --resume)" if has_checkpoint and not finished else ""
         raise ConfigError(f"--out {out} is not empty{hint}; choose a new directory.")
+    return False
+
+
+def finish_bookkeeping(out: Path) -> None:
+    """What follows the commit point: drop the checkpoint and any temporaries a crash left."""
+    import shutil
+
+    shutil.rmtree(out / rundir.CHECKPOINT, ignore_errors=True)
+    shutil.rmtree(out / f".{rundir.CHECKPOINT}.old", ignore_errors=True)
+    rundir.clean_temporaries(out)
 
 
 def train_run(
@@ -257,14 +284,22 @@ def train_run(
 
     started = time.monotonic()
     out = Path(out_dir)
-    prepare_out_dir(out, resume)
+    if prepare_out_dir(out, resume):
+        finish_bookkeeping(out)
+        log.warning("%s holds a finished run; nothing left to train", out)
+        return RunSummary.load(out)
     state = None
     if resume:
         from .checkpoint import load_state
 
+        rundir.recover_dir(out / rundir.CHECKPOINT)
+        rundir.clean_temporaries(out)
         saved = rundir.read_json(out / rundir.CONFIG)
         config = TrainConfig.from_dict(saved["config"])
         state = load_state(out / rundir.CHECKPOINT)
+    elif data is None and config.data != "synthetic" and Path(config.data).exists():
+        # the resolved path, so that --resume and attacks work from any working directory
+        config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
 
     torch.manual_seed(config.seed)
     if data is None:
@@ -283,6 +318,7 @@ def train_run(
     from .models import load_model, set_trainable
 
     model, tokenizer = load_model(config.model, data.num_labels, data.label_names, config.pooling)
+    check_max_length(model, tokenizer, config.max_length)
     n_trainable = set_trainable(model, config.trainable)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
     pad = tokenizer.pad_token_id
@@ -292,25 +328,6 @@ def train_run(
     sample_rate = config.batch_size / n
     steps = max(1, round(config.epochs / sample_rate))
     steps_per_epoch = max(1, round(1 / sample_rate))
-
-    if not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(out / rundir.CONFIG, {
-            "config": config.to_dict(),
-            "data": {"source": data.source, "label_names": list(data.label_names),
-                     "sizes": {k: len(v) for k, v in data.splits.items()},
-                     "train_fingerprint": train_print},
-            "model": {"class": type(model).__name__, "trainable_parameters": n_trainable,
-                      "total_parameters": sum(p.numel() for p in model.parameters())},
-            **({"extra": extra_info} if extra_info else {}),
-        })
-        ids = np.arange(n) if member_ids is None else np.asarray(member_ids)
-        rundir.write_json(out / rundir.MEMBERS, {
-            "description": "identifiers of the examples in the training set (members); every one "
-                           "of them could be sampled into any batch",
-            "data": data.source, "num_members": n, "member_ids": ids.tolist(),
-            "train_fingerprint": train_print,
-        })
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -332,6 +349,26 @@ def train_run(
         sampler = PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
 
+    # Everything that can be checked has been (data, model, δ, the reachable ε): now write.
+    if not resume:
+        rundir.make_dir(out)
+        rundir.write_json(out / rundir.CONFIG, {
+            "config": config.to_dict(),
+            "data": {"source": data.source, "label_names": list(data.label_names),
+                     "sizes": {k: len(v) for k, v in data.splits.items()},
+                     "train_fingerprint": train_print},
+            "model": {"class": type(model).__name__, "trainable_parameters": n_trainable,
+                      "total_parameters": sum(p.numel() for p in model.parameters())},
+            **({"extra": extra_info} if extra_info else {}),
+        })
+        ids = np.arange(n) if member_ids is None else np.asarray(member_ids)
+        rundir.write_json(out / rundir.MEMBERS, {
+            "description": "identifiers of the examples in the training set (members); every one "
+                           "of them could be sampled into any batch",
+            "data": data.source, "num_members": n, "member_ids": ids.tolist(),
+            "train_fingerprint": train_print,
+        })
+
     curves: list[dict[str, Any]] = []
     done = 0
     if state is not None:
@@ -339,8 +376,6 @@ def train_run(
 
         done, curves = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, dp=dp,
                                sampler=sampler, seeded=config.dp_seed is not None)
-    elif dp is not None:
-        pass  # the plan was checked against the target when the ledger was created
 
     checkpoint_every = config.checkpoint_every or steps_per_epoch
     bar = _progress(progress, total=steps, initial=done, private=dp is not None)
@@ -349,28 +384,29 @@ def train_run(
     from .data import collate
 
     loss_sum, loss_n = 0.0, 0
-    eps_shown, last_eps_time = 0.0 if dp is None else dp.epsilon(), 0.0
     model.train()
     for indices in sampler:
         for chunk in physical_batches(indices, config.physical_batch_size, enc["train"].lengths):
             outputs = model(**collate(enc["train"], chunk, pad))
+            loss = float(outputs.loss.detach())
+            if not math.isfinite(loss):
+                _diverged(out, config, dp, done, loss)
             outputs.loss.backward()
-            loss_sum += float(outputs.loss.detach()) * len(chunk)
+            loss_sum += loss * len(chunk)
             loss_n += len(chunk)
         step_optimizer.step()
         step_optimizer.zero_grad()
         scheduler.step()
         done += 1
-        if dp is not None and (time.monotonic() - last_eps_time > 5 or done == steps):
-            eps_shown, last_eps_time = dp.epsilon(), time.monotonic()
-        end_of_epoch = done % steps_per_epoch == 0 or done == steps
-        if end_of_epoch:
+        # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number.
+        end_of_epoch = math.floor(done * sample_rate + 1e-9) > math.floor((done - 1) * sample_rate + 1e-9)
+        if end_of_epoch or done == steps:
             val = evaluate(model, enc["validation"], pad)
-            curves.append({
-                "step": done, "epoch": done / steps_per_epoch,
+            curves.append({  # ε exactly as spent at this step: never a stale value
+                "step": done, "epoch": done * sample_rate,
                 "train_loss": loss_sum / max(loss_n, 1),
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "epsilon": eps_shown if dp is not None else float("inf"),
+                "epsilon": dp.epsilon() if dp is not None else float("inf"),
             })
             loss_sum, loss_n = 0.0, 0
         if bar is not None:
@@ -378,8 +414,8 @@ def train_run(
             post = {"loss": f"{curves[-1]['train_loss']:.3f}" if curves else "…"}
             if curves:
                 post["val_acc"] = f"{curves[-1]['val_accuracy']:.3f}"
-            if dp is not None:
-                post["eps"] = f"{eps_shown:.2f}/{config.epsilon:g}"
+            if dp is not None and curves:
+                post["eps"] = f"{curves[-1]['epsilon']:.2f}@{curves[-1]['step']}/{config.epsilon:g}"
             bar.set_postfix(post, refresh=False)
         if done < steps and (done % checkpoint_every == 0):
             from .checkpoint import save_checkpoint
@@ -411,6 +447,36 @@ def train_run(
     privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
     _write_final(out, model, tokenizer, privacy, metrics, curves, config)
     return RunSummary(out, config, privacy, metrics, seconds)
+
+
+def check_max_length(model, tokenizer, max_length: int) -> None:
+    """Refuse a --max-length the model's position embeddings cannot index."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or getattr(model.config, "position_embedding_type", "absolute") != "absolute":
+        return
+    if type(model.config).__name__.startswith(("Roberta", "XLMRoberta", "Camembert")):
+        limit -= (tokenizer.pad_token_id or 0) + 1  # positions start after the padding index
+    if max_length > limit:
+        raise ConfigError(f"max_length must be <= {limit} for this model (its position embeddings), "
+                          f"got {max_length}.")
+
+
+def _diverged(out: Path, config, dp, done: int, loss: float) -> None:
+    """Stop on a non-finite loss, recording the privacy already spent; raises."""
+    from .errors import TrainingDiverged
+
+    spent = ""
+    if dp is not None:
+        eps = dp.epsilon()
+        rundir.write_json(out / "diverged.json", {
+            "step": done, "loss": loss, "epsilon_spent": eps, "delta": dp.delta,
+            "ledger": dp.ledger.state_dict(),
+            "note": "training stopped on a non-finite loss; no model was released",
+        })
+        spent = f"; ε = {eps:.3g} was spent (recorded in {out / 'diverged.json'})"
+    raise TrainingDiverged(
+        f"training diverged at step {done + 1}: the loss is {loss} (lower --lr, now {config.lr:g}){spent}."
+    )
 
 
 def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
@@ -461,10 +527,8 @@ def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> Non
     rundir.write_json(out / rundir.CURVES, curves)
     _plot_curves(out / rundir.CURVES_PNG, curves, config)
     rundir.write_json(out / rundir.METRICS, metrics)
-    rundir.write_json(out / rundir.PRIVACY, privacy)  # last: its presence marks a finished run
-    import shutil
-
-    shutil.rmtree(out / rundir.CHECKPOINT, ignore_errors=True)
+    rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point of a finished run
+    finish_bookkeeping(out)
 
 
 def _plot_curves(path: Path, curves, config) -> None:

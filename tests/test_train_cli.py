@@ -130,11 +130,17 @@ def test_resume_that_would_pass_the_target_stops_with_a_clear_message(tmp_path, 
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 8  # untouched
 
 
-def test_resume_rejects_new_flags_and_finished_runs(tmp_path, capsys):
+def tree_digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_rejects_new_flags_and_never_retrains_a_finished_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(["train", *TINY_RUN, "--epochs", "1", "--out", str(run)], capsys)[0] == 0
-    code, _, err = run_cli(["train", "--resume", "--out", str(run)], capsys)
-    assert code == 2 and "finished run" in err
+    before = tree_digest(run)
+    code, out, _ = run_cli(["train", "--resume", "--out", str(run)], capsys)
+    assert code == 0 and "eps" in out.lower()  # the finished run's summary, nothing trained
+    assert tree_digest(run) == before
     code, _, err = run_cli(["train", "--resume", "--epochs", "3", "--out", str(run)], capsys)
     assert code == 2 and "drop --epochs" in err
 
