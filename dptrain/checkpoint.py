@@ -107,7 +107,10 @@ def restore(state: dict[str, Any], *, model, optimizer, scheduler, dp, sampler, 
         if seeded:
             gens = [rng[k] for k in sorted(k for k in rng if k.startswith("noise."))]
             if gens:
-                dp.optimizer.noise.load_state_dict({"generators": gens})
+                try:
+                    dp.optimizer.noise.load_state_dict({"generators": gens})
+                except ValueError as exc:  # e.g. a checkpoint of an older dptrain
+                    raise ConfigError(f"checkpoint's noise state cannot be restored: {exc}") from None
     if seeded and "rng" in state["sampler"]:
         sampler.load_state_dict(state["sampler"])
     else:

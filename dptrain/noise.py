@@ -2,10 +2,11 @@
 
 DP-SGD adds z ~ N(0, σ²C²·I) to Σ_i c_i G_i once per logical batch (Abadi et al. 2016). On a CPU
 ``Tensor.normal_`` fills on one thread (a few ns per value: ~0.1 s for a 22.7M-parameter model),
-so the gradients are cut into fixed chunks and each of ``workers`` threads fills its own chunks
-from its own generator. The assignment of chunks to generators is fixed, so a seeded run is
-reproducible; by default the seeds come from the operating system (``secrets``), so the noise is
-not predictable from anything in the run directory.
+so the gradients are cut into fixed chunks, chunk c is filled from generator c mod ``STREAMS``,
+and ``workers`` threads fill the streams in parallel. The streams, not the threads, fix the
+values: a seeded run gives the same noise on any number of threads (and resumes on another
+machine). By default the seeds come from the operating system (``secrets``), so the noise is not
+predictable from anything in the run directory.
 
 Limits: PyTorch's generators are not cryptographically secure and floating-point Gaussian
 sampling is not exact (Mironov 2012); like Opacus without ``secure_mode``, this guards against
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 CHUNK = 1 << 20  # values per chunk: large enough to amortize dispatch, small enough to balance
+STREAMS = 8  # independent generators; threads share them out, so the thread count changes nothing
 
 
 def _add_serial(out: torch.Tensor, other: torch.Tensor) -> None:
@@ -42,10 +44,10 @@ class GaussianNoise:
     """Adds N(0, std²) to every element of a list of tensors, in place, with parallel generators."""
 
     def __init__(self, seed: int | None = None, workers: int | None = None):
-        self.workers = max(1, workers if workers is not None else torch.get_num_threads())
+        self.workers = min(STREAMS, max(1, workers if workers is not None else torch.get_num_threads()))
         base = secrets.randbits(62) if seed is None else int(seed)
         self._base = base
-        self._generators = [torch.Generator().manual_seed(base + 7919 * w) for w in range(self.workers)]
+        self._generators = [torch.Generator().manual_seed(base + 7919 * k) for k in range(STREAMS)]
         self._accelerator_generators: dict[torch.device, torch.Generator] = {}
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self._buffers: list[torch.Tensor | None] = [None] * self.workers
@@ -64,11 +66,12 @@ class GaussianNoise:
         chunks = [c for t in on_cpu for c in t.view(-1).split(CHUNK)]
 
         def fill(worker: int) -> None:
-            gen = self._generators[worker]
-            for chunk in chunks[worker :: self.workers]:
-                buf = self._buffer(worker, chunk)
-                buf.normal_(0.0, std, generator=gen)  # serial kernel: no OpenMP
-                _add_serial(chunk, buf)
+            for stream in range(worker, STREAMS, self.workers):
+                gen = self._generators[stream]
+                for chunk in chunks[stream::STREAMS]:
+                    buf = self._buffer(worker, chunk)
+                    buf.normal_(0.0, std, generator=gen)  # serial kernel: no OpenMP
+                    _add_serial(chunk, buf)
 
         if self._pool is None:
             fill(0)
@@ -94,9 +97,9 @@ class GaussianNoise:
 
     def load_state_dict(self, state: dict) -> None:
         states = state.get("generators")
-        if not isinstance(states, list) or len(states) != self.workers:
+        if not isinstance(states, list) or len(states) != STREAMS:
             raise ValueError(
-                f"noise state must hold {self.workers} generator states, got "
+                f"noise state must hold {STREAMS} generator states, got "
                 f"{len(states) if isinstance(states, list) else type(states).__name__}."
             )
         for gen, s in zip(self._generators, states):

@@ -145,3 +145,20 @@ def test_make_private_rejects_impossible_budgets(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), num_examples=100,
                      batch_size=10, epochs=1, **kwargs)
+
+
+def test_seeded_noise_does_not_depend_on_the_thread_count():
+    """A seeded run resumed on a machine with another core count must draw the same noise."""
+    draws = []
+    for workers in (1, 2, 3, 8):
+        tensors = [torch.zeros(3 * (1 << 20) + 5), torch.zeros(17)]
+        gen = GaussianNoise(seed=21, workers=workers)
+        gen.add_(tensors, 1.0)
+        state = gen.state_dict()
+        resumed = GaussianNoise(seed=0, workers=9 - workers)
+        resumed.load_state_dict(state)
+        again = [torch.zeros(5)]
+        resumed.add_(again, 1.0)
+        draws.append((torch.cat(tensors), again[0]))
+    for first, second in draws[1:]:
+        assert torch.equal(first, draws[0][0]) and torch.equal(second, draws[0][1])
