@@ -200,3 +200,35 @@ def test_in_place_write_to_a_layer_input_after_the_layer_is_refused():
     PerSampleClipper(model)
     with pytest.raises(ModelError, match="modified in place afterwards"):
         model(torch.randn(3, 4)).sum().backward()
+
+
+def test_fallback_refuses_a_non_sample_input_whose_size_equals_the_batch():
+    """A custom layer (torch.func fallback) that takes a [T, T] matrix: with T == B, vmap would
+    hand row i of the matrix to sample i. The per-sample gradients then do not add up to the
+    batch gradient, which the fallback checks."""
+
+    class Mixer(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d, d) / d)
+
+        def forward(self, x, mix):  # x [B, T, d], mix [T, T]: the same for every sample
+            return mix @ torch.tanh(x @ self.w)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = Mixer(3)
+
+        def forward(self, x):
+            t = x.shape[1]
+            mix = torch.tril(torch.ones(t, t, dtype=x.dtype)) / t
+            return self.mixer(x, mix).pow(2).sum(dim=(1, 2))
+
+    torch.manual_seed(0)
+    model = Model().double()
+    PerSampleClipper(model, loss_reduction="sum")
+    with pytest.raises(ModelError, match="has leading dimension 4 but the batch has 5"):
+        model(torch.randn(5, 4, 3, dtype=torch.float64)).sum().backward()  # T != B: by shape
+    with pytest.raises(ModelError, match="do not add up to its batch gradient"):
+        model(torch.randn(4, 4, 3, dtype=torch.float64)).sum().backward()

@@ -66,7 +66,7 @@ class FunctorchRule(ClipRule):
             return (out * sample_grad.unsqueeze(0)).sum()
 
         try:
-            return vmap(grad(inner), in_dims=(None, tuple(dims), 0), randomness="error")(
+            per_sample = vmap(grad(inner), in_dims=(None, tuple(dims), 0), randomness="error")(
                 trainable, tuple(tensors), call.grad
             )
         except RuntimeError as exc:
@@ -76,6 +76,8 @@ class FunctorchRule(ClipRule):
                     "fallback needs a deterministic layer: register a clipping rule for it."
                 ) from exc
             raise
+        _check_sums_to_batch_gradient(module, call, trainable, per_sample, name)
+        return per_sample
 
     def per_sample(self, module, calls, ctx) -> dict[str, torch.Tensor]:
         cached = ctx.scratch.get(module)
@@ -97,6 +99,30 @@ class FunctorchRule(ClipRule):
         for n, per_sample in grads.items():
             param = getattr(module, n)
             grad_buffer(param).add_(torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1))
+
+
+def _check_sums_to_batch_gradient(module, call, trainable, per_sample, name) -> None:
+    """Σ_i G_i must be the whole batch's gradient. An input that is not per-sample but whose
+    leading size happens to equal the batch (a [T, T] mask with T == B) would be split across
+    samples by ``vmap``, and the per-sample gradients would no longer add up: refuse that."""
+    flat, spec = call.inputs
+
+    def whole(params):
+        args, kwargs = tree_unflatten(list(flat), spec)
+        return (functional_call(module, params, args, kwargs) * call.grad).sum()
+
+    expected = grad(whole)(trainable)
+    for n, g in expected.items():
+        summed = per_sample[n].sum(dim=0)
+        low = g.dtype in (torch.float16, torch.bfloat16)
+        tol = (1e-2 if low else 1e-4) * max(float(g.abs().max()), float(summed.abs().max()), 1e-12)
+        if not bool(((summed - g).abs() <= tol).all()):
+            raise ModelError(
+                f"the per-sample gradients of {name}.{n} do not add up to its batch gradient: an "
+                "input of the layer that is not per-sample has the batch size as its leading "
+                "dimension, so the batch axis is ambiguous; register a clipping rule for the layer "
+                "or choose a physical batch size that differs from that dimension."
+            )
 
 
 FALLBACK = FunctorchRule()
