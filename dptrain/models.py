@@ -129,12 +129,17 @@ class MeanPoolingClassifier(nn.Module):
     outputs). Saved as ``encoder/`` (HF ``save_pretrained``), ``head.safetensors`` and
     ``dptrain_classifier.json``; :func:`load_trained` reads it back. There is deliberately no
     ``config.json`` at the top, so a plain ``AutoModelForSequenceClassification`` refuses the
-    directory instead of loading a random head.
+    directory instead of loading a random head. When only the head was trained, the encoder is
+    the unchanged pretrained one: ``save_pretrained(..., encoder_reference=True)`` stores where
+    it came from and the sha256 of its weights instead of a copy (90 MB for MiniLM), and loading
+    checks that hash.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1,
+                 source: str | None = None):
         super().__init__()
         self.encoder = encoder
+        self.source = source  # where the pretrained encoder was loaded from ('minilm' or a path)
         self.config = encoder.config
         self.config.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
@@ -158,19 +163,27 @@ class MeanPoolingClassifier(nn.Module):
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def save_pretrained(self, path, safe_serialization: bool = True, **kwargs) -> None:
+    def save_pretrained(self, path, safe_serialization: bool = True, encoder_reference: bool = False,
+                        **kwargs) -> None:
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.encoder.save_pretrained(path / "encoder", safe_serialization=True)
-        save_file({k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()},
-                  path / "head.safetensors")
-        (path / _POOLED_FORMAT).write_text(json.dumps({
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
             "format": "dptrain mean-pooling classifier, version 1",
             "pooling": "mean", "num_labels": self.config.num_labels,
             "dropout": self.dropout.p,
             "id2label": {str(k): v for k, v in (self.config.id2label or {}).items()},
-        }, indent=2) + "\n")
+        }
+        if encoder_reference:
+            if self.source is None:
+                raise ModelError("the encoder's source is unknown; it cannot be stored by reference.")
+            meta["encoder_reference"] = {"source": self.source, "sha256": weights_sha256(self.encoder)}
+        else:
+            self.encoder.save_pretrained(path / "encoder", safe_serialization=True)
+        save_file({k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()},
+                  path / "head.safetensors")
+        (path / _POOLED_FORMAT).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _sentence_transformer_pooling(path: Path) -> str | None:
@@ -241,13 +254,10 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
         with _QuietHF():  # the "newly initialized head" report is expected here
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             if pooling == "mean":
-                try:
-                    encoder = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
-                                                        use_safetensors=True)
-                except TypeError:  # architectures without a pooler
-                    encoder = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+                encoder = _load_encoder(path)
                 encoder.config.update(_label_maps(label_names))
-                model = MeanPoolingClassifier(encoder, num_labels)
+                source = MINILM if name == MINILM else str(Path(path).resolve()) if local else name
+                model = MeanPoolingClassifier(encoder, num_labels, source=source)
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True,
@@ -296,15 +306,19 @@ def load_trained(model_dir: str | Path):
     pooled = model_dir / _POOLED_FORMAT
     if not pooled.exists() and not (model_dir / "config.json").exists():
         raise ModelError(f"{model_dir} holds no trained classifier.")
-    refuse_pickled_weights(model_dir / "encoder" if pooled.exists() else model_dir)
+    meta = json.loads(pooled.read_text()) if pooled.exists() else None
+    reference = (meta or {}).get("encoder_reference")
+    if reference is None:
+        refuse_pickled_weights(model_dir / "encoder" if pooled.exists() else model_dir)
     try:
         with _QuietHF():
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            if pooled.exists():
-                meta = json.loads(pooled.read_text())
-                encoder = AutoModel.from_pretrained(model_dir / "encoder", local_files_only=True,
-                                                    use_safetensors=True)
-                model = MeanPoolingClassifier(encoder, int(meta["num_labels"]), float(meta["dropout"]))
+            if meta is not None:
+                encoder = (_referenced_encoder(reference) if reference is not None else
+                           AutoModel.from_pretrained(model_dir / "encoder", local_files_only=True,
+                                                     use_safetensors=True))
+                model = MeanPoolingClassifier(encoder, int(meta["num_labels"]), float(meta["dropout"]),
+                                              source=(reference or {}).get("source"))
                 model.classifier.load_state_dict(load_file(model_dir / "head.safetensors"))
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
@@ -312,6 +326,47 @@ def load_trained(model_dir: str | Path):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load the classifier in {model_dir}: {' '.join(str(exc).split())}") from exc
     return model.eval(), tokenizer
+
+
+def _load_encoder(path) -> nn.Module:
+    """The bare encoder of a checkpoint, without the pooler mean pooling never uses."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
+                                         use_safetensors=True)
+    except TypeError:  # architectures without a pooler
+        return AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes), in key order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _referenced_encoder(reference: dict) -> nn.Module:
+    """The frozen pretrained encoder a head-only run refers to, checked against its hash."""
+    from transformers import AutoModel
+
+    source = str(reference.get("source"))
+    path = minilm_path() if source == MINILM else source
+    if not Path(path).exists():
+        raise ModelError(f"this classifier's frozen encoder is stored by reference to {source}, "
+                         "which is not on this machine; install or copy it there.")
+    refuse_pickled_weights(Path(path))
+    with _QuietHF():
+        encoder = _load_encoder(path)
+    if weights_sha256(encoder) != reference.get("sha256"):
+        raise ModelError(f"the encoder at {source} is not the one this classifier was trained on "
+                         "(sha256 of its weights differs).")
+    return encoder
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:

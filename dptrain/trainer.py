@@ -511,13 +511,21 @@ def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
 
 
 def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> None:
+    from .models import MeanPoolingClassifier
+
+    by_reference = (config.trainable == "head" and isinstance(model, MeanPoolingClassifier)
+                    and model.source is not None)
+
     def save_model(tmp: Path) -> None:
         from transformers.utils import logging as hf_logging
 
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if by_reference:  # only the head trained: refer to the frozen encoder, don't copy it
+                model.save_pretrained(tmp, safe_serialization=True, encoder_reference=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         finally:
             if shown:

@@ -104,3 +104,22 @@ def test_trainable_selection(encoder_dir, spec, trains, frozen):
         set_trainable(model, "last-9")
     with pytest.raises(ConfigError, match="trainable must be one of"):
         set_trainable(model, "some")
+
+
+def test_head_only_classifier_refers_to_its_frozen_encoder_by_hash(encoder_dir, tmp_path):
+    model, tok = load_model(str(encoder_dir), 3, ["a", "b", "c"])
+    model.eval()
+    out = tmp_path / "saved"
+    model.save_pretrained(out, encoder_reference=True)
+    tok.save_pretrained(out)
+    assert not (out / "encoder").exists()  # no copy of the encoder
+    back, tok2 = load_trained(out)
+    batch = tok2(["check my balance", "play music"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, model(**batch).logits)
+    changed = BertModel.from_pretrained(encoder_dir)
+    with torch.no_grad():
+        changed.embeddings.word_embeddings.weight[0, 0] += 1.0
+    changed.save_pretrained(encoder_dir)
+    with pytest.raises(ModelError, match="not the one this classifier was trained on"):
+        load_trained(out)
