@@ -5,11 +5,16 @@ DIR/config.json      the run's configuration (TrainConfig) and the data it saw
 DIR/privacy.json     epsilon spent, target_epsilon, delta, noise_multiplier, sample_rate, steps,
                      accountant, max_grad_norm
 DIR/metrics.json     test accuracy, macro-F1, per-class precision/recall/F1
-DIR/members.json     which examples were trained on (indices into the population), for attacks
+DIR/private/members.json  which examples were trained on (indices into the population), for
+                     attacks only: never share it (it names exactly what DP protects)
 DIR/curves.json      training curves; DIR/curves.png the same as a figure
 DIR/model/           the fine-tuned classifier and its tokenizer (HF save_pretrained, safetensors)
 DIR/checkpoint/      while training: weights, optimizer and ledger state for --resume
+DIR/README.txt       these lines, for whoever finds the directory
 ```
+
+What a user ships is ``model/`` alone (with ``privacy.json`` to state its guarantee); what only
+attacks need lives under ``private/``.
 
 Files are written to a temporary name in the same directory, flushed, then renamed over the old
 one (``os.replace`` is atomic on POSIX), so a crash leaves either the old or the new file. The
@@ -39,7 +44,18 @@ from .errors import ConfigError, OutputError
 CONFIG = "config.json"
 PRIVACY = "privacy.json"
 METRICS = "metrics.json"
-MEMBERS = "members.json"
+MEMBERS = "private/members.json"
+README = "README.txt"
+README_TEXT = """\
+A dptrain run directory.
+model/          the trained classifier: this is what you ship (with privacy.json, its guarantee)
+privacy.json    epsilon spent, delta, noise multiplier, sampling rate, steps, accountant
+metrics.json    test accuracy, macro-F1, per-class precision/recall/F1
+config.json     the recipe and the data it saw
+curves.json/png training curves (loss, validation accuracy, epsilon spent)
+private/        for attacks only: members.json names the training examples. Never share it.
+checkpoint/     only while training: what --resume needs
+"""
 CURVES = "curves.json"
 CURVES_PNG = "curves.png"
 MODEL = "model"

@@ -352,6 +352,7 @@ def train_run(
     # Everything that can be checked has been (data, model, δ, the reachable ε): now write.
     if not resume:
         rundir.make_dir(out)
+        rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
         rundir.write_json(out / rundir.CONFIG, {
             "config": config.to_dict(),
             "data": {"source": data.source, "label_names": list(data.label_names),

@@ -164,7 +164,7 @@ def test_shadows_are_trained_once_and_reused_by_a_second_target(target_dir, tmp_
         assert call["config"].dp_seed is None  # fresh DP randomness for every shadow
         for name in RECIPE_FIELDS:
             assert getattr(call["config"], name) == getattr(target.config, name)
-        members = json.loads((first.cache_dir / f"shadow-{index:03d}" / "members.json").read_text())
+        members = json.loads((first.cache_dir / f"shadow-{index:03d}" / "private" / "members.json").read_text())
         np.testing.assert_array_equal(members["member_ids"], np.flatnonzero(first.in_mask[index]))
     assert counter.calls[0]["config"].seed != counter.calls[1]["config"].seed
     assert len(first.signals) == 2 and all(len(s) == target.n_population for s in first.signals)

@@ -33,12 +33,13 @@ def test_private_run_writes_every_file_with_consistent_numbers(tmp_path, capsys)
     code, out, err = run_cli(["train", *TINY_RUN, "--epsilon", "3", "--delta", "1e-4",
                               "--dp-seed", "7", "--out", str(run)], capsys)
     assert code == 0, err
-    for name in ("config.json", "privacy.json", "metrics.json", "members.json", "curves.json",
-                 "curves.png", "model/model.safetensors", "model/config.json", "model/tokenizer.json"):
+    for name in ("config.json", "privacy.json", "metrics.json", "private/members.json", "curves.json",
+                 "curves.png", "README.txt", "model/model.safetensors", "model/config.json",
+                 "model/tokenizer.json"):
         assert (run / name).exists(), name
     assert not (run / "checkpoint").exists()  # removed once the run finished
 
-    privacy, config, members = read(run, "privacy.json"), read(run, "config.json"), read(run, "members.json")
+    privacy, config, members = read(run, "privacy.json"), read(run, "config.json"), read(run, "private/members.json")
     n_train = config["data"]["sizes"]["train"]
     assert members["num_members"] == n_train == len(members["member_ids"]) == 288
     assert privacy["sample_rate"] == pytest.approx(32 / n_train)
