@@ -185,25 +185,53 @@ def fingerprint(texts, labels) -> str:
     return h.hexdigest()
 
 
-def evaluate(model, encoded, pad_token_id: int, batch_size: int = 128) -> dict[str, Any]:
-    """Accuracy, macro-F1, mean loss and predictions on an encoded split (no grad)."""
+class Batches:
+    """How a split becomes model inputs: token batches, or cached encoder features when only
+    the head of a frozen mean-pooled encoder trains (:mod:`dptrain.features`)."""
+
+    def __init__(self, model, enc: dict, pad: int, cache_features: bool, progress: bool = False):
+        self.enc, self.pad, self.features = enc, pad, None
+        self.net = model
+        if cache_features:
+            from .features import feature_head, pooled_features
+
+            self.net = feature_head(model)
+            bar = _bar(progress, sum(len(e) for e in enc.values()), "encoding (once)", "ex")
+            self.features = {name: pooled_features(model, e, pad, progress=bar.update if bar else None)
+                             for name, e in enc.items()}
+            if bar is not None:
+                bar.close()
+
+    def __call__(self, split: str, idx) -> dict:
+        import torch
+
+        from .data import collate
+
+        if self.features is None:
+            return collate(self.enc[split], idx, self.pad)
+        idx = np.asarray(idx, dtype=np.int64)
+        return {"features": self.features[split][torch.from_numpy(idx)],
+                "labels": torch.from_numpy(self.enc[split].labels[idx].copy())}
+
+
+def evaluate(net, batches: "Batches", split: str, batch_size: int = 128) -> dict[str, Any]:
+    """Accuracy, macro-F1, mean loss and predictions on a split (no grad)."""
     import torch
     from sklearn.metrics import accuracy_score, f1_score
 
-    from .data import collate
-
-    was_training = model.training
-    model.eval()
+    encoded = batches.enc[split]
+    was_training = net.training
+    net.eval()
     order = np.argsort(encoded.lengths, kind="stable")
     preds = np.empty(len(order), dtype=np.int64)
     total_loss = 0.0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out = model(**collate(encoded, idx, pad_token_id))
+            out = net(**batches(split, idx))
             total_loss += float(out.loss) * len(idx)
             preds[idx] = out.logits.argmax(-1).numpy()
-    model.train(was_training)
+    net.train(was_training)
     labels = np.asarray(encoded.labels)
     return {
         "accuracy": float(accuracy_score(labels, preds)),
@@ -329,6 +357,10 @@ def train_run(
     steps = max(1, round(config.epochs / sample_rate))
     steps_per_epoch = max(1, round(1 / sample_rate))
 
+    from .features import cacheable
+
+    batches = Batches(model, enc, pad, cache_features=cacheable(model), progress=progress)
+    net = batches.net  # what trains: the model, or its head on cached features
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     dp = None
@@ -336,7 +368,7 @@ def train_run(
         from .private_training import make_private
 
         dp = make_private(
-            model, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
+            net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
             target_epsilon=config.epsilon, delta=config.delta,
             max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
             seed=config.dp_seed,
@@ -382,13 +414,11 @@ def train_run(
     bar = _progress(progress, total=steps, initial=done, private=dp is not None)
     step_optimizer.zero_grad()
     from .sampling import physical_batches
-    from .data import collate
-
     loss_sum, loss_n = 0.0, 0
-    model.train()
+    net.train()
     for indices in sampler:
         for chunk in physical_batches(indices, config.physical_batch_size, enc["train"].lengths):
-            outputs = model(**collate(enc["train"], chunk, pad))
+            outputs = net(**batches("train", chunk))
             loss = float(outputs.loss.detach())
             if not math.isfinite(loss):
                 _diverged(out, config, dp, done, loss)
@@ -402,7 +432,7 @@ def train_run(
         # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number.
         end_of_epoch = math.floor(done * sample_rate + 1e-9) > math.floor((done - 1) * sample_rate + 1e-9)
         if end_of_epoch or done == steps:
-            val = evaluate(model, enc["validation"], pad)
+            val = evaluate(net, batches, "validation")
             curves.append({  # ε exactly as spent at this step: never a stale value
                 "step": done, "epoch": done * sample_rate,
                 "train_loss": loss_sum / max(loss_n, 1),
@@ -433,8 +463,8 @@ def train_run(
 
     if dp is not None:
         dp.detach()
-    test = evaluate(model, enc["test"], pad)
-    val = evaluate(model, enc["validation"], pad)
+    test = evaluate(net, batches, "test")
+    val = evaluate(net, batches, "validation")
     metrics = {
         "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "loss": test["loss"],
         "validation_accuracy": val["accuracy"], "validation_macro_f1": val["macro_f1"],
@@ -574,9 +604,12 @@ def _plot_curves(path: Path, curves, config) -> None:
 
 
 def _progress(enabled: bool, total: int, initial: int, private: bool):
+    return _bar(enabled, total, "DP-SGD" if private else "training", "step", initial)
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", desc="DP-SGD" if private else "training",
-                dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=True)

@@ -1,0 +1,96 @@
+"""Frozen encoder ⇒ compute it once: DP-train the head on cached sentence features.
+
+When only the head of a :class:`~dptrain.models.MeanPoolingClassifier` trains, the encoder is a
+fixed function f of each example, so the per-sample gradient of example i,
+
+    G_i = ∂ℓ(W·dropout(f(x_i)) + b, y_i)/∂(W, b),
+
+depends on x_i only through f(x_i). Computing f(x_i) once (eval mode: the frozen encoder's own
+dropout is off) and training on the cached features is the same mechanism — the same Poisson
+batches, per-sample clipping, noise and accountant — at the cost of the head alone per epoch.
+
+The features are derived from private data: they live in memory (or inside the run directory's
+process), never in a shared cache. A model whose encoder has any trainable parameter is refused
+here (the cache would skip it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+class FeatureHead(nn.Module):
+    """The trainable suffix of a mean-pooling classifier, applied to cached pooled features.
+
+    Shares its parameters with the classifier it came from: training it trains that model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.dropout = model.dropout
+        self.classifier = model.classifier
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.classifier(self.dropout(features))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def cacheable(model: nn.Module) -> bool:
+    """Whether the model is a mean-pooling classifier whose encoder is entirely frozen."""
+    from .models import MeanPoolingClassifier
+
+    if not isinstance(model, MeanPoolingClassifier):
+        return False
+    return not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def feature_head(model: nn.Module) -> FeatureHead:
+    """The head to train on cached features; refuses a model the cache would get wrong."""
+    from .models import MeanPoolingClassifier
+
+    if not isinstance(model, MeanPoolingClassifier):
+        raise ModelError(f"cached features need a mean-pooling classifier, got {type(model).__name__}.")
+    trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ModelError(
+            f"cannot cache the encoder's features: {len(trainable)} encoder parameter(s) train "
+            f"(e.g. encoder.{trainable[0]}), and the cache would skip their gradients."
+        )
+    return FeatureHead(model)
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: int = 256,
+                    progress=None) -> torch.Tensor:
+    """Mean-pooled encoder states [N, d] of every example of an encoded split (eval mode).
+
+    Examples are batched by length (little padding); each row depends on its own example only.
+    """
+    from .data import collate
+
+    was_training = model.encoder.training
+    model.encoder.eval()
+    order = np.argsort(encoded.lengths, kind="stable")
+    dtype = next(model.classifier.parameters()).dtype  # what the head computes in
+    out = torch.empty(len(order), model.config.hidden_size, dtype=dtype)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate(encoded, idx, pad_token_id)
+            states = model.encoder(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            out[torch.from_numpy(idx)] = pooled.to(out.dtype)
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        model.encoder.train(was_training)
+    return out

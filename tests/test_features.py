@@ -1,0 +1,92 @@
+"""Head-only training on cached encoder features is the same mechanism as running the frozen
+encoder every step: same per-sample clipped sums, same ε; a trainable encoder is refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from dptrain import ModelError, PerSampleClipper
+from dptrain.data import collate, encode, load_intent_data
+from dptrain.features import cacheable, feature_head, pooled_features
+from dptrain.models import load_model, set_trainable
+from oracle import clipped_sum, per_example_grads
+
+
+@pytest.fixture
+def encoder_dir(tmp_path, tiny_tokenizer):
+    """A tiny random BERT saved like a sentence-transformers checkpoint (mean pooling)."""
+    torch.manual_seed(0)
+    path = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return path
+
+
+def head_model(encoder_dir, data):
+    model, tokenizer = load_model(str(encoder_dir), data.num_labels, data.label_names)
+    set_trainable(model, "head")
+    model.dropout.p = 0.0  # dropout off: both paths must then be exactly the same function
+    return model.double(), tokenizer
+
+
+@pytest.mark.parametrize("method", ["ghost", "instantiate"])
+def test_cached_features_give_the_same_clipped_sums_as_the_encoder(encoder_dir, method):
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, tokenizer = head_model(encoder_dir, data)
+    enc = encode(tokenizer, data.train, 32)
+    idx = np.arange(12)
+    C = 0.05  # small enough that every sample is clipped
+    batch = collate(enc, idx, tokenizer.pad_token_id)
+
+    model.encoder.eval()  # the frozen encoder's dropout off, as the cache computes it
+    reference = clipped_sum(per_example_grads(model, lambda i: model(
+        **collate(enc, idx[i:i + 1], tokenizer.pad_token_id)).loss, len(idx)), C)
+
+    clipper = PerSampleClipper(model, max_grad_norm=C, norm_method=method)
+    model(**batch).loss.backward()
+    through_encoder = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    clipper.detach()
+    model.zero_grad(set_to_none=True)
+
+    features = pooled_features(model, enc, tokenizer.pad_token_id, batch_size=5)
+    head = feature_head(model)
+    clipper = PerSampleClipper(head, max_grad_norm=C, norm_method=method)
+    head(features=features[torch.from_numpy(idx)], labels=batch["labels"]).loss.backward()
+    cached = {f"classifier.{n}": p.grad.clone() for n, p in head.classifier.named_parameters()}
+    clipper.detach()
+
+    assert set(cached) == set(through_encoder) == set(reference)
+    for name in reference:
+        scale = reference[name].abs().max()
+        assert (cached[name] - through_encoder[name]).abs().max() <= 1e-5 * scale
+        assert (cached[name] - reference[name]).abs().max() <= 1e-5 * scale
+
+
+def test_a_trainable_encoder_parameter_is_refused_by_the_cache(encoder_dir):
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, _ = load_model(str(encoder_dir), data.num_labels, data.label_names)
+    set_trainable(model, "last-1")  # a block below the head trains: the cache would skip it
+    assert not cacheable(model)
+    with pytest.raises(ModelError, match="cache would skip their gradients"):
+        feature_head(model)
+
+
+def test_head_only_run_trains_on_cached_features_with_the_planned_epsilon(encoder_dir, tmp_path):
+    from dptrain import TrainConfig, train_run
+    from dptrain.accounting import epsilon_after
+
+    config = TrainConfig(model=str(encoder_dir), trainable="head", data="synthetic",
+                         synthetic_per_intent=12, epochs=2, batch_size=32, lr=5e-2, dp_seed=0)
+    summary = train_run(config, tmp_path / "run", progress=False)
+    privacy = summary.privacy
+    assert privacy["epsilon"] == pytest.approx(epsilon_after(
+        noise_multiplier=privacy["noise_multiplier"], sample_rate=privacy["sample_rate"],
+        steps=privacy["steps"], delta=privacy["delta"]), rel=1e-9)
+    assert privacy["epsilon"] <= 8.0
+    assert not (tmp_path / "run" / "model" / "encoder").exists()  # the head, by reference
