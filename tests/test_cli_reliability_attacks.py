@@ -1,0 +1,166 @@
+"""`dptrain attack mia`, `audit` and `demo` as a user runs them: real processes, real exit codes,
+real SIGKILLs.
+
+Every refusal must be one line on stderr (no traceback), exit code 2, and leave every directory
+as it was, byte for byte. Every crash — a SIGKILL at a chosen moment — must be recoverable by
+running the command again (``audit --resume``, ``demo`` again). Outputs follow one policy
+(:mod:`dptrain.outputs`): a command replaces or reuses only what its manifest says it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dptrain import TrainConfig, rundir, train_run
+from dptrain.outputs import MANIFEST, OutputDir, check_writable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+TINY = TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=2, epochs=1, batch_size=8,
+                   physical_batch_size=16, epsilon=8.0, dp_seed=0)
+
+
+def dptrain(*args, prefix=(), timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "dptrain", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def refused(proc: subprocess.CompletedProcess, command: str, *expected: str) -> str:
+    """Exit 2, one line on stderr that starts with the full sub-command, no traceback."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"dptrain {command}: error: "), err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with the sha256 of its bytes (``/`` for directories)."""
+    return {str(p.relative_to(root)): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*"))}
+
+
+def kill_when(args, ready, timeout: float = 120.0) -> None:
+    """Start ``dptrain *args`` and SIGKILL it as soon as ``ready()`` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain", *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"dptrain {args[0]} ended (code {proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def read_only(directory: Path) -> list[str]:
+    """Make ``directory`` read-only for the command that the returned prefix starts.
+
+    As a normal user: chmod 555 (the test restores it). As root, who ignores permissions: a
+    read-only bind mount inside a private mount namespace (``unshare``), seen by that process
+    alone.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return []
+    if not _unshare_works():
+        pytest.skip("running as root without unshare: no way to make a directory read-only")
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, str(directory)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny private run; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("reliability") / "runs" / "target"
+    train_run(TINY, out, progress=False)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    copy = tmp_path / "runs" / "target"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_dir_replaces_only_its_own_unchanged_files(tmp_path):
+    out = OutputDir(tmp_path / "out", "dptrain test")
+    assert out.check(files=["a.json"]) == [] and not out.path.exists()  # nothing created
+    out.write_json("a.json", {"x": 1})
+    assert out.check(files=["a.json"]) == ["a.json"] and out.owns("a.json")
+    out.write_json("a.json", {"x": 2})  # its own: replaced
+    manifest = json.loads((out.path / MANIFEST).read_text())
+    assert manifest["files"]["a.json"] == {
+        "by": "dptrain test", "sha256": hashlib.sha256((out.path / "a.json").read_bytes()).hexdigest()}
+    assert not OutputDir(out.path, "dptrain other").owns("a.json")  # another command's
+    (out.path / "a.json").write_text("edited by hand")
+    with pytest.raises(Exception, match="a.json, which dptrain test did not write"):
+        out.check(files=["a.json"])
+    (out.path / "b.json").write_text("the user's")
+    with pytest.raises(Exception, match="b.json"):
+        out.check(files=["b.json"])
+
+
+def test_a_write_killed_between_manifest_and_file_is_still_recognised(tmp_path, monkeypatch):
+    """The manifest names the new bytes before the file is replaced, and keeps the old ones'
+    until the replacement is done: at every moment the file on disk is known to be ours."""
+    import dptrain.rundir
+
+    out = OutputDir(tmp_path, "dptrain test")
+    out.write_bytes("f.bin", b"old")
+    real = dptrain.rundir.write_bytes_atomic
+
+    def killed(path, data):
+        if Path(path).name == "f.bin":
+            assert out.owns("f.bin")  # old bytes, manifest already naming the new ones
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(dptrain.rundir, "write_bytes_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        out.write_bytes("f.bin", b"new")
+    monkeypatch.undo()
+    assert out.owns("f.bin") and out.check(files=["f.bin"]) == ["f.bin"]
+    (tmp_path / "f.bin").write_bytes(b"new")  # as if the rename had happened
+    assert out.owns("f.bin")
+
+
+@pytest.mark.parametrize("where", ["/proc/x/out", "/sys/x", "file"])
+def test_check_writable_refuses_without_writing(tmp_path, where):
+    if where == "file":
+        (tmp_path / "file").write_text("x")
+        where = str(tmp_path / "file" / "out")
+    before = snapshot(tmp_path)
+    with pytest.raises(Exception, match="--out"):
+        check_writable(where, f"--out {where}")
+    assert snapshot(tmp_path) == before
