@@ -146,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the shadow assignment, the balancing and RMIA (default: 0)")
     mia.add_argument("--quiet", action="store_true", help="no progress bar")
     mia.set_defaults(handler=_cmd_attack_mia)
+
+    # -v works after the sub-command too (dptrain train -v ...), from one shared definition.
+    for command in (*sub.choices.values(), *attack_sub.choices.values()):
+        _add_common_flags(command)
     return parser
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every sub-command takes after its name as well as before it. SUPPRESS: a flag not
+    repeated after the sub-command must not reset the one given before it."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log more")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -217,6 +228,16 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
     return 0
 
 
+_RESUMABLE = {"train": "continue with --resume", "audit": "continue with --resume",
+              "demo": "run it again to continue",
+              "attack": "run it again to continue: finished shadow models are reused"}
+
+
+def _command_path(args: argparse.Namespace) -> str:
+    """The sub-command as typed, e.g. 'attack mia', for message prefixes."""
+    return " ".join(v for v in (args.command, getattr(args, "attack", None)) if v)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import DPTrainError
 
@@ -227,15 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    command = _command_path(args)
     try:
         return args.handler(args)
     except DPTrainError as exc:
         message = " ".join(str(exc).split())
-        print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
+        print(f"dptrain {command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        hint = " (continue with --resume)" if args.command == "train" else ""
-        print(f"dptrain {args.command}: interrupted{hint}", file=sys.stderr)
+        hint = f" ({_RESUMABLE[args.command]})" if args.command in _RESUMABLE else ""
+        print(f"dptrain {command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

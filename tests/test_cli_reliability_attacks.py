@@ -164,3 +164,25 @@ def test_check_writable_refuses_without_writing(tmp_path, where):
     with pytest.raises(Exception, match="--out"):
         check_writable(where, f"--out {where}")
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# dptrain attack mia
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verbose_after_the_subcommand_and_full_command_in_errors(tmp_path):
+    from dptrain.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "-v", "--out", "x"]).verbose is True
+    assert parse(["-v", "train", "--out", "x"]).verbose is True  # the top-level flag stays
+    assert parse(["train", "--out", "x"]).verbose is False
+    assert parse(["attack", "mia", "--verbose", "--run", "r"]).verbose is True
+    assert parse(["audit", "-v", "--out", "x"]).verbose is True
+    assert parse(["demo", "-v"]).verbose is True
+    missing = tmp_path / "missing"
+    refused(dptrain("attack", "mia", "-v", "--run", missing), "attack mia",
+            f"run directory {missing} not found")
+    refused(dptrain("train", "-v", "--data", missing, "--out", tmp_path / "o"), "train",
+            "missing")
