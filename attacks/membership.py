@@ -44,6 +44,7 @@ import numpy as np
 
 from attacks import mia
 from attacks.signals import Signals
+from dptrain import rundir
 from dptrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,11 @@ def run_membership_inference(
     """
     from attacks.audit import CanaryScoreAuditor
     from attacks.metrics import evaluate_attack
-    from attacks.report import AttackOutcome, write_mia_report
-    from attacks.shadows import check_n_shadows, ensure_shadows, load_quietly, load_target
+    from attacks.report import COMMAND, FILES, REPORT, SCORES, AttackOutcome, write_mia_report
+    from attacks.shadows import check_n_shadows, check_run_dir, default_root, ensure_shadows, \
+        load_quietly, load_target
     from attacks.signals import compute_signals
-    from dptrain.rundir import write_bytes_atomic
+    from dptrain.outputs import check_writable
 
     started = time.monotonic()
     names = _check_attacks(attacks)
@@ -183,8 +185,17 @@ def run_membership_inference(
     need_reference = any(ATTACKS[a].needs_reference for a in names)
     if need_reference:
         check_n_shadows(n_shadows)
+    # Everything that can be refused is refused here, before a model is loaded or trained.
+    check_run_dir(run_dir)
+    outputs = report_dir(run_dir, out_dir)
+    earlier = outputs.check(files=FILES)
+    if need_reference:
+        root = Path(shadow_dir) if shadow_dir is not None else default_root(run_dir)
+        check_writable(root, f"the shadow cache {root}")
     target = load_target(run_dir)
-    out = Path(out_dir) if out_dir is not None else target.run_dir / "attacks"
+    if earlier:
+        print(f"replacing what {COMMAND} wrote earlier in {outputs.path}: {', '.join(earlier)}",
+              flush=True)
     model, tokenizer = load_quietly(target.run_dir)
     target_signals = compute_signals(model, tokenizer, target.population.texts,
                                      target.population.labels, max_length=target.config.max_length)
@@ -234,7 +245,9 @@ def run_membership_inference(
     buf = io.BytesIO()
     np.savez(buf, member_ids=pick_m, nonmember_ids=pick_n, is_member=target.is_member,
              **{f"scores_{name}": s for name, s in all_scores.items()})
-    write_bytes_atomic(out / "scores.npz", buf.getvalue())
+    # An earlier report goes first, so that a crash in between never leaves it beside new scores.
+    outputs.remove(REPORT)
+    outputs.write_bytes(SCORES, buf.getvalue())
 
     n_members = int(target.is_member.sum())
     population = {
@@ -243,7 +256,7 @@ def run_membership_inference(
         "ids": "train example i -> i, validation j -> N_train + j, test k -> N_train + N_val + k",
         "n_members": n_members,
         "n_nonmembers": target.n_population - n_members,
-        "members": "the run's training split (members.json)",
+        "members": f"the run's training split ({rundir.MEMBERS})",
         "nonmembers": "its validation and test splits",
         "evaluated": {"n_members": int(pick_m.size), "n_nonmembers": int(pick_n.size),
                       "how": how, "seed": seed, "max_eval": max_eval},
@@ -259,16 +272,25 @@ def run_membership_inference(
         "batch_size": target.config.batch_size,
         "test_accuracy": _test_accuracy(target.run_dir),
     }
-    report = write_mia_report(
-        out, target=target_info, theoretical=privacy, population=population,
+    return write_mia_report(
+        outputs, target=target_info, theoretical=privacy, population=population,
         shadows=None if shadows is None else shadows.to_dict(), outcomes=outcomes,
         combined=combined, confidence=confidence, seconds=time.monotonic() - started)
-    return report
+
+
+def report_dir(run_dir: str | Path, out_dir: str | Path | None = None):
+    """The :class:`~dptrain.outputs.OutputDir` a report of ``run_dir`` goes to: ``out_dir``, or
+    ``run_dir/attacks`` by default."""
+    from attacks.report import COMMAND
+    from dptrain.outputs import OutputDir
+
+    if out_dir is not None:
+        return OutputDir(out_dir, COMMAND)
+    out = Path(run_dir) / "attacks"
+    return OutputDir(out, COMMAND, what=f"the report directory {out} (default --out)")
 
 
 def _test_accuracy(run_dir: Path) -> float | None:
-    from dptrain import rundir
-
     try:
         return float(rundir.read_json(run_dir / rundir.METRICS)["accuracy"])
     except (ConfigError, KeyError, TypeError, ValueError):

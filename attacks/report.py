@@ -35,11 +35,15 @@ import numpy as np
 
 from attacks.audit import ThresholdAuditResult
 from attacks.metrics import AttackMetrics, fpr_key
-from dptrain import rundir
+from dptrain.outputs import OutputDir
 
+COMMAND = "dptrain attack mia"
+"""Who writes a membership-inference report (the manifest's ``by``)."""
 REPORT = "report.json"
 ROC_PNG = "roc.png"
 SCORES = "scores.npz"
+FILES = (SCORES, ROC_PNG, REPORT)
+"""What a membership-inference report consists of, in the order it is written."""
 HEADLINE_FPR = 0.01
 
 
@@ -141,9 +145,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot_roc(path: Path, outcomes: Sequence[AttackOutcome], epsilon: float, delta: float,
-             title: str) -> None:
-    """ROC curves on log-log axes with the chance line and the (ε, δ)-DP boundary."""
+def roc_png(outcomes: Sequence[AttackOutcome], epsilon: float, delta: float,
+            title: str) -> bytes:
+    """ROC curves on log-log axes with the chance line and the (ε, δ)-DP boundary, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,11 +186,11 @@ def plot_roc(path: Path, outcomes: Sequence[AttackOutcome], epsilon: float, delt
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    rundir.write_bytes_atomic(Path(path), buf.getvalue())
+    return buf.getvalue()
 
 
 def write_mia_report(
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     *,
     target: dict[str, Any],
     theoretical: dict[str, Any],
@@ -197,10 +201,12 @@ def write_mia_report(
     confidence: float,
     seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Write report.json and roc.png to ``out_dir`` (atomically); return the report."""
+    """Write roc.png, then report.json, to ``out_dir`` (atomically, recorded in its manifest:
+    :mod:`dptrain.outputs`); return the report. report.json comes last: it marks a finished set.
+    """
     if not outcomes:
         raise ValueError("outcomes must hold at least one attack, got none.")
-    out = Path(out_dir)
+    out = out_dir if isinstance(out_dir, OutputDir) else OutputDir(out_dir, COMMAND)
     report: dict[str, Any] = {
         "target": target,
         "theoretical": theoretical,
@@ -218,7 +224,7 @@ def write_mia_report(
     claimed = _number(theoretical.get("epsilon"))
     delta = _number(theoretical.get("delta"))
     name = Path(target.get("run_dir", "target")).name
-    plot_roc(out / ROC_PNG, outcomes, claimed, delta if math.isfinite(delta) else 0.0,
-             f"Membership inference on {name} (claimed ε = {_eps(claimed)})")
-    rundir.write_json(out / REPORT, report)
+    out.write_bytes(ROC_PNG, roc_png(outcomes, claimed, delta if math.isfinite(delta) else 0.0,
+                                     f"Membership inference on {name} (claimed ε = {_eps(claimed)})"))
+    out.write_json(REPORT, report)
     return report

@@ -56,6 +56,7 @@ import numpy as np
 from attacks.signals import Signals
 from dptrain import rundir
 from dptrain.errors import ConfigError, DataError
+from dptrain.outputs import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,28 @@ class TargetRun:
         return {name: len(split) for name, split in self.data.splits.items()}
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """Fail closed, cheaply (no data is loaded), unless ``run_dir`` holds a finished run.
+
+    An unfinished run is told to resume only when it has a checkpoint to resume from.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"run directory {run} not found.")
+    if not (run / rundir.CONFIG).exists():
+        raise ConfigError(f"{run} is not a run directory (no {rundir.CONFIG}).")
+    if not (run / rundir.PRIVACY).exists():
+        # a checkpoint, or the old copy a crash inside rundir.replace_dir left (train recovers it)
+        stored = (run / rundir.CHECKPOINT, run / f".{rundir.CHECKPOINT}.old")
+        if any((path / "state.json").exists() for path in stored):
+            how = f"finish it first with dptrain train --resume --out {run}"
+        else:
+            how = ("it stopped before its first checkpoint, so there is nothing to resume: "
+                   "train it again into a new directory")
+        raise ConfigError(f"{run} holds an unfinished run (no {rundir.PRIVACY}); {how}.")
+    return run
+
+
 def load_target(run_dir: str | Path) -> TargetRun:
     """Read a finished run directory and rebuild its population; fail closed on any mismatch.
 
@@ -123,21 +146,12 @@ def load_target(run_dir: str | Path) -> TargetRun:
     from dptrain.data import Split, load_intent_data
     from dptrain.trainer import TrainConfig, fingerprint
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"run directory {run} not found.")
-    if not (run / rundir.CONFIG).exists():
-        raise ConfigError(f"{run} is not a run directory (no {rundir.CONFIG}).")
-    if not (run / rundir.PRIVACY).exists():
-        raise ConfigError(
-            f"{run} holds an unfinished run (no {rundir.PRIVACY}); finish it first with "
-            f"dptrain train --resume --out {run}."
-        )
+    run = check_run_dir(run_dir)
     saved = rundir.read_json(run / rundir.CONFIG)
-    if not isinstance(saved, dict) or "config" not in saved:
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ConfigError(f"{run / rundir.CONFIG} holds no training configuration (key 'config').")
     config = TrainConfig.from_dict(saved["config"])
-    recorded = saved.get("data", {})
+    recorded = saved["data"] if isinstance(saved.get("data"), dict) else {}
     data = load_intent_data(
         config.data, text_column=config.text_column, label_column=config.label_column,
         seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
@@ -156,7 +170,7 @@ def load_target(run_dir: str | Path) -> TargetRun:
                        np.concatenate([data.train.labels, data.validation.labels, data.test.labels]))
 
     members = rundir.read_json(run / rundir.MEMBERS)
-    ids = np.asarray(members.get("member_ids", []))
+    ids = np.asarray(members.get("member_ids", []) if isinstance(members, dict) else [])
     n = len(population)
     if ids.ndim != 1 or ids.size != len(data.train) or not np.issubdtype(ids.dtype, np.integer) \
             or np.unique(ids).size != ids.size or (ids.size and (ids.min() < 0 or ids.max() >= n)):
@@ -171,10 +185,13 @@ def load_target(run_dir: str | Path) -> TargetRun:
             "in the population (train i → i, validation j → N_train + j, test k → N_train + "
             "N_val + k)."
         )
+    privacy = rundir.read_json(run / rundir.PRIVACY)
+    if not isinstance(privacy, dict) or "epsilon" not in privacy:
+        raise ConfigError(f"{run / rundir.PRIVACY} holds no privacy record (key 'epsilon').")
     return TargetRun(
         run_dir=run,
         config=config,
-        privacy=rundir.read_json(run / rundir.PRIVACY),
+        privacy=privacy,
         data=data,
         population=population,
         member_ids=np.sort(ids.astype(np.int64)),
@@ -327,6 +344,7 @@ def ensure_shadows(
     inputs = cache_inputs(target, seed)
     key = cache_key(target, seed)
     cache = Path(root) if root is not None else default_root(target.run_dir)
+    check_writable(cache, f"the shadow cache {cache}")
     cache = cache / key
     n = target.n_population
     in_mask = balanced_assignment(n, k, seed)
@@ -410,7 +428,7 @@ def _check_or_write_cache_file(cache: Path, inputs: dict[str, Any]) -> None:
     expected = rundir._jsonable(inputs)
     if path.exists():
         found = rundir.read_json(path)
-        if found.get("key_inputs") != expected:
+        if not isinstance(found, dict) or found.get("key_inputs") != expected:
             raise ConfigError(
                 f"shadow cache {cache} was made for another recipe or population "
                 f"({path} differs); delete it or choose another --shadow-dir."

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "empirical epsilon lower bounds next to the claimed epsilon), roc.png and scores.npz.")
     mia.add_argument("--run", required=True, type=Path, help="finished run directory to attack")
     mia.add_argument("--out", type=Path, default=None,
-                     help="directory for the report (default: RUN/attacks)")
+                     help="directory for the report (default: RUN/attacks); a report this "
+                     "command wrote there is replaced, any other file is never overwritten")
     mia.add_argument("--shadows", type=_integer, default=8, metavar="K",
                      help="reference models, even, >= 2 (default: 8)")
     mia.add_argument("--attacks", default="loss,lira_online,lira_offline,rmia",
@@ -190,8 +191,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_AUDIT_OPTIONS = {"canaries": "--canaries", "confidence": "--confidence",
+                  "correction": "--correction", "canary_seed": "--canary-seed"}
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from attacks.audit_run import AuditRunOptions, run_audit
+    from attacks.audit_run import AuditRunOptions, resume_audit, run_audit
 
     from .trainer import TrainConfig
 

@@ -171,6 +171,70 @@ def test_check_writable_refuses_without_writing(tmp_path, where):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("given", [True, False], ids=["--out", "default RUN/attacks"])
+def test_mia_never_overwrites_a_report_it_did_not_write(run_copy, tmp_path, given):
+    out = tmp_path / "mine" if given else run_copy / "attacks"
+    out.mkdir()
+    (out / "report.json").write_text('{"my": "notes"}')
+    before = snapshot(tmp_path)
+    args = ["attack", "mia", "--run", run_copy, "--shadows", "2", "--quiet"]
+    err = refused(dptrain(*args, *(["--out", out] if given else [])), "attack mia",
+                  f"{out} ", "report.json, which dptrain attack mia did not write")
+    assert ("(default --out)" in err) != given
+    assert snapshot(tmp_path) == before  # no shadow cache either: refused before any work
+
+
+def test_mia_replaces_its_own_report_and_says_so(run_copy, tmp_path):
+    out = tmp_path / "report"
+    args = ["attack", "mia", "--run", run_copy, "--attacks", "loss", "--out", out, "--quiet"]
+    first = dptrain(*args)
+    assert first.returncode == 0, first.stderr
+    assert "replacing" not in first.stdout
+    second = dptrain(*args)
+    assert second.returncode == 0, second.stderr
+    assert (f"replacing what dptrain attack mia wrote earlier in {out}: "
+            "scores.npz, roc.png, report.json") in second.stdout
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"scores.npz", "roc.png", "report.json"}
+    # edited since: no longer what the command wrote, so refused like a stranger's file
+    report = out / "report.json"
+    report.write_text(report.read_text().replace('"verdict"', '"verdict_edited"'))
+    before = snapshot(tmp_path)
+    refused(dptrain(*args), "attack mia", "report.json", "changed since")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["read-only", "/proc/x", "under a file"])
+def test_mia_unwritable_out_fails_at_once(run_copy, tmp_path, where):
+    prefix = []
+    if where == "read-only":
+        out = tmp_path / "ro"
+        prefix = read_only(out)
+    elif where == "under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        out = Path(where)
+    before = snapshot(tmp_path)
+    started = time.monotonic()
+    proc = dptrain("attack", "mia", "--run", run_copy, "--shadows", "2", "--out", out,
+                   "--quiet", prefix=prefix)
+    refused(proc, "attack mia", f"--out {out}")
+    assert time.monotonic() - started < 20  # no model loaded, no shadow trained (was 26 s)
+    assert snapshot(tmp_path) == before
+
+
+def test_mia_suggests_resume_only_for_a_run_with_a_checkpoint(run_copy):
+    (run_copy / "privacy.json").unlink()
+    err = refused(dptrain("attack", "mia", "--run", run_copy), "attack mia", "unfinished run",
+                  "stopped before its first checkpoint")
+    assert "--resume" not in err
+    (run_copy / "checkpoint").mkdir()
+    (run_copy / "checkpoint" / "state.json").write_text("{}")
+    refused(dptrain("attack", "mia", "--run", run_copy), "attack mia",
+            f"dptrain train --resume --out {run_copy}")
+
+
 def test_verbose_after_the_subcommand_and_full_command_in_errors(tmp_path):
     from dptrain.cli import build_parser
 
