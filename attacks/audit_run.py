@@ -13,6 +13,12 @@ The pipeline (Steinke, Nasr, Jagielski 2023, "Privacy auditing with one (1) trai
    with the search over (k₊, k₋) paid for by Bonferroni (default) or a split;
 6. write ``DIR/report.json``, ``DIR/canary_scores.png`` and ``DIR/canaries.json``.
 
+Crash safety. ``DIR/audit.json`` (the recipe and options) and ``DIR/canaries.json`` (texts,
+labels and the inclusion coins) are written before training starts; ``report.json`` last, as the
+mark of a finished audit. ``dptrain audit --resume --out DIR`` (:func:`resume_audit`) continues a
+stopped audit with the same canaries and coins: the same mechanism, run to its end, with the ε
+its checkpoint already spent kept by the trainer. A new audit refuses a non-empty directory.
+
 What is audited. The accountant of the run accounts for the training set it was given, natural
 examples plus included canaries (N in its sample rate is that total): that is the correct DP
 accounting of the audited mechanism, DP-SGD on "data ∪ included canaries", and adding or removing
@@ -49,20 +55,25 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dptrain import rundir
-from dptrain.errors import ConfigError
+from dptrain.errors import ConfigError, DPTrainError
+from dptrain.outputs import MANIFEST, OutputDir, check_writable
 
+COMMAND = "dptrain audit"
 DEFAULT_CANARIES = 1000
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5)
+PLAN = "audit.json"
 REPORT = "report.json"
 SCORES_PNG = "canary_scores.png"
 CANARIES = "canaries.json"
 RUN = "run"
+FILES = (PLAN, CANARIES, SCORES_PNG, REPORT)
 _CORRECTIONS = ("bonferroni", "split")
 
 
@@ -146,14 +157,22 @@ class AuditOutcome:
         return float(self.report["one_run"]["epsilon_lb"])
 
 
-def prepare_audit_dir(out: Path) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+def _check_new_audit_dir(outputs: OutputDir) -> None:
+    """A new audit needs an empty (or new), writable directory: it draws fresh coins."""
+    out = outputs.path
+    if os.path.lexists(out) and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory.")
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
+        if outputs.owns(PLAN) and not outputs.owns(REPORT):
+            raise ConfigError(
+                f"--out {out} is not empty: it holds a stopped audit; continue it with "
+                f"dptrain audit --resume --out {out} (a new audit draws fresh coins, so it "
+                "needs a new directory)."
+            )
         raise ConfigError(
             f"--out {out} is not empty; an audit draws fresh coins, so choose a new directory."
         )
+    check_writable(out, f"--out {out}")
 
 
 def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = None, *,
@@ -161,16 +180,19 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
     """Insert canaries, train once with ``config`` (a TrainConfig), score, bound ε, write DIR.
 
     See the module docstring for what is audited and why. Raises
-    :class:`~dptrain.errors.DPTrainError` subclasses on bad input, before anything is trained.
+    :class:`~dptrain.errors.DPTrainError` subclasses on bad input, before anything is written.
+    The recipe, the options and the canaries with their coins are written (``audit.json``,
+    ``canaries.json``) before training starts, so that :func:`resume_audit` can continue the
+    very same audit after a crash.
     """
     from dptrain.data import load_intent_data
-    from dptrain.trainer import train_run
+    from dptrain.trainer import fingerprint
 
     from attacks.canaries import insert_canaries
 
     options = options or AuditRunOptions()
-    out = Path(out_dir)
-    prepare_audit_dir(out)
+    outputs = OutputDir(out_dir, COMMAND)
+    _check_new_audit_dir(outputs)
     data = load_intent_data(
         config.data, text_column=config.text_column, label_column=config.label_column,
         seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
@@ -185,22 +207,140 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
         raise ConfigError(f"canaries must be an integer >= 2, got {m} (the training split is tiny).")
     augmented, canaries = insert_canaries(data, m, options.canary_seed, text_seed=options.text_seed)
 
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(PLAN, {
+        "description": "what this audit is, written before training so that dptrain audit "
+                       "--resume continues it with the same canaries and coins (canaries.json)",
+        "config": config.to_dict(),
+        "options": dataclasses.asdict(options),
+        "natural_train_fingerprint": fingerprint(data.train.texts, data.train.labels),
+    })
+    outputs.write_json(CANARIES, canaries.to_dict())
+    try:
+        return _train_and_report(outputs, config, options, canaries, augmented, "train", progress)
+    except DPTrainError:
+        if not (outputs.path / RUN / rundir.CONFIG).exists():
+            # The trainer refused the recipe (unknown model, batch larger than the data, ...)
+            # before writing anything: take the plan back, so that bad input leaves no trace.
+            if (outputs.path / RUN).is_dir() and not any((outputs.path / RUN).iterdir()):
+                (outputs.path / RUN).rmdir()
+            outputs.unclaim_dir(RUN)
+            outputs.remove(CANARIES)
+            outputs.remove(PLAN)
+        raise
+
+
+def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
+    """Continue the audit that stopped in ``out_dir``, with its recipe, options and canaries.
+
+    The run in ``DIR/run`` is resumed from its checkpoint (the ε it spent is kept), restarted
+    from scratch when it stopped before its first checkpoint, or reused when it finished (the
+    audit then stopped while scoring). Only what ``dptrain audit`` wrote there is trusted: a
+    changed ``audit.json`` or ``canaries.json`` is refused, as is a finished audit.
+    """
+    from dptrain.data import load_intent_data
+    from dptrain.errors import DataError
+    from dptrain.trainer import TrainConfig, fingerprint
+
+    outputs = OutputDir(out_dir, COMMAND)
+    out = outputs.path
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} not found: there is no stopped audit to resume.")
+    if outputs.owns(REPORT):
+        raise ConfigError(f"--out {out} holds a finished audit; there is nothing to resume.")
+    if not (outputs.owns(PLAN) and outputs.owns(CANARIES)):
+        raise ConfigError(
+            f"--out {out} holds no stopped audit to resume: no {PLAN} and {CANARIES} that "
+            f"dptrain audit wrote (or they changed since; see {MANIFEST})."
+        )
+    if os.path.lexists(out / RUN) and not outputs.owns_dir(RUN):
+        raise ConfigError(f"--out {out} holds a {RUN}/ that dptrain audit did not make; "
+                          "it will not resume into it.")
+    outputs.check(files=FILES, dirs=(RUN,))  # writable; temporaries of a killed write removed
+    plan = rundir.read_json(out / PLAN)
+    config = TrainConfig.from_dict(plan["config"])
+    options = AuditRunOptions(**plan["options"])
+    data = load_intent_data(
+        config.data, text_column=config.text_column, label_column=config.label_column,
+        seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    if fingerprint(data.train.texts, data.train.labels) != plan["natural_train_fingerprint"]:
+        raise DataError(
+            f"the data of the audit in {out} changed since it started: {config.data!r} no "
+            "longer gives the same training set; resume needs the very same data."
+        )
+    canaries = _stored_canaries(rundir.read_json(out / CANARIES))
+    augmented = _with_canaries(data, canaries)
+
     run_dir = out / RUN
-    summary = train_run(
-        config, run_dir, data=augmented, member_ids=canaries.member_ids, progress=progress,
-        extra_info={"audit": {"canaries": m, "included": canaries.num_included,
-                              "coins": canaries.seed_policy}},
-    )
+    stopped = any((path / "state.json").exists() for path in
+                  (run_dir / rundir.CHECKPOINT, run_dir / f".{rundir.CHECKPOINT}.old"))
+    if (run_dir / rundir.PRIVACY).exists():
+        action = "reuse"
+    elif stopped:
+        action = "resume"
+    else:
+        action = "restart" if run_dir.exists() else "train"
+    print(f"resuming the audit in {out}: {_DOING[action]} the run in {run_dir}", flush=True)
+    return _train_and_report(outputs, config, options, canaries, augmented, action, progress)
+
+
+_DOING = {"reuse": "reusing the finished", "resume": "resuming (from its checkpoint)",
+          "restart": "restarting (it stopped before its first checkpoint)",
+          "train": "training"}
+
+
+def _stored_canaries(stored: dict[str, Any]):
+    from attacks.canaries import CanarySet
+
+    return CanarySet(texts=tuple(stored["texts"]), labels=np.asarray(stored["labels"]),
+                     included=np.asarray(stored["included"], dtype=bool),
+                     num_natural=int(stored["num_natural"]), seed=stored["seed"],
+                     text_seed=int(stored["text_seed"]))
+
+
+def _with_canaries(data, canaries):
+    """The training split of :func:`attacks.canaries.insert_canaries` for stored canaries: the
+    natural examples, then the included canaries in canary order."""
+    from dptrain.data import Split
+
+    if canaries.num_natural != len(data.train):
+        raise ConfigError(f"the canaries were added to {canaries.num_natural} natural training "
+                          f"examples, but the data now has {len(data.train)}.")
+    idx = np.flatnonzero(canaries.included)
+    train = Split(data.train.texts + tuple(canaries.texts[i] for i in idx),
+                  np.concatenate([data.train.labels, canaries.labels[idx]]))
+    return dataclasses.replace(
+        data, train=train, source=f"{data.source} + {idx.size} of {canaries.m} audit canaries")
+
+
+def _train_and_report(outputs: OutputDir, config, options: AuditRunOptions, canaries, augmented,
+                      action: str, progress: bool) -> AuditOutcome:
+    """Train (or resume, restart, reuse) DIR/run, score the canaries, write the report last."""
+    import shutil
+
+    from dptrain.trainer import RunSummary, train_run
+
+    run_dir = outputs.path / RUN
+    if action == "reuse":
+        summary = RunSummary.load(run_dir)
+    else:
+        if action == "restart":
+            shutil.rmtree(run_dir)
+        outputs.claim_dir(RUN)
+        summary = train_run(
+            config, run_dir, resume=action == "resume", data=augmented,
+            member_ids=canaries.member_ids, progress=progress,
+            extra_info={"audit": {"canaries": canaries.m, "included": canaries.num_included,
+                                  "coins": canaries.seed_policy}},
+        )
     phi, loss = _score(run_dir, canaries, config.max_length)
     report = build_report(summary.privacy, canaries, phi, options,
                           model=config.model, data=config.data)
-    rundir.write_json(out / CANARIES, {
+    outputs.write_json(CANARIES, {
         **canaries.to_dict(), "score": "phi", "phi": phi.tolist(), "loss": loss.tolist(),
     })
-    _plot_scores(out / SCORES_PNG, phi, canaries.included, report)
-    rundir.write_json(out / REPORT, report)  # last: its presence marks a finished audit
-    return AuditOutcome(out, report)
+    outputs.write_bytes(SCORES_PNG, _scores_png(phi, canaries.included, report))
+    outputs.write_json(REPORT, report)  # last: its presence marks a finished audit
+    return AuditOutcome(outputs.path, report)
 
 
 def _score(run_dir: Path, canaries, max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,7 +411,7 @@ def build_report(privacy: dict[str, Any], canaries, phi: np.ndarray, options: Au
             "seed": canaries.seed,
             "population_ids": (
                 f"natural training examples 0..{canaries.num_natural - 1}, canary i is "
-                f"{canaries.num_natural} + i (see run/members.json)"
+                f"{canaries.num_natural} + i (see {RUN}/{rundir.MEMBERS})"
             ),
         },
         "score": {
@@ -362,7 +502,7 @@ def _summary_lines(report, claimed, delta, private, model, data) -> list[str]:
     return lines
 
 
-def _plot_scores(path: Path, phi: np.ndarray, included: np.ndarray, report) -> None:
+def _scores_png(phi: np.ndarray, included: np.ndarray, report) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,4 +540,4 @@ def _plot_scores(path: Path, phi: np.ndarray, included: np.ndarray, report) -> N
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    rundir.write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()

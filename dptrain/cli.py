@@ -101,17 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "1/2), train once with the given recipe, score the canaries and report "
                            "a one-run lower bound on epsilon (Steinke, Nasr, Jagielski 2023) in "
                            "DIR/report.json, with DIR/canary_scores.png and the run in DIR/run.")
-    audit.add_argument("--out", required=True, type=Path, help="audit directory to create")
-    audit.add_argument("--canaries", type=_integer, default=None, metavar="M",
+    audit.add_argument("--out", required=True, type=Path,
+                       help="audit directory to create (with --resume: the stopped audit's)")
+    audit.add_argument("--resume", action="store_true",
+                       help="continue the stopped audit in --out, with its saved recipe, options "
+                       "and canaries")
+    # Audit options default to "not given", so that --resume can refuse them (see _cmd_audit).
+    audit.add_argument("--canaries", type=_integer, default=argparse.SUPPRESS, metavar="M",
                        help="number of audit canaries, >= 2 and at most the natural training "
                        "examples (default: 1000, or the training-set size when smaller)")
-    audit.add_argument("--confidence", type=_number, default=0.95,
+    audit.add_argument("--confidence", type=_number, default=argparse.SUPPRESS,
                        help="probability that each reported bound holds, in (0.5, 1) "
                        "(default: 0.95)")
-    audit.add_argument("--correction", default="bonferroni",
+    audit.add_argument("--correction", default=argparse.SUPPRESS,
                        help="how the choice of guess counts and thresholds is paid for: "
                        "bonferroni | split (default: bonferroni)")
-    audit.add_argument("--canary-seed", type=_integer, default=None,
+    audit.add_argument("--canary-seed", type=_integer, default=argparse.SUPPRESS,
                        help="seed of the canaries' inclusion coins (default: OS entropy; a known "
                        "seed tells anyone which canaries were in: experiments only)")
     audit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,10 +205,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from .trainer import TrainConfig
 
-    options = AuditRunOptions(canaries=args.canaries, confidence=args.confidence,
-                              correction=args.correction, canary_seed=args.canary_seed)
-    config = _config_from(args, TrainConfig)
-    outcome = run_audit(config, args.out, options, progress=not args.quiet)
+    if args.resume:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = sorted(k for k in vars(args) if k in names or k in _AUDIT_OPTIONS)
+        if given:
+            from .errors import ConfigError
+
+            flags = [_AUDIT_OPTIONS.get(g, "--" + g.replace("_", "-")) for g in given]
+            raise ConfigError(f"--resume continues the audit with its saved recipe, options and "
+                              f"canaries; drop {', '.join(flags)}.")
+        outcome = resume_audit(args.out, progress=not args.quiet)
+    else:
+        options = AuditRunOptions(**{k: getattr(args, k) for k in _AUDIT_OPTIONS if k in args})
+        config = _config_from(args, TrainConfig)
+        outcome = run_audit(config, args.out, options, progress=not args.quiet)
     for line in outcome.summary:
         print(line)
     print(f"audit written to {outcome.out_dir}")

@@ -19,6 +19,7 @@ from scipy import stats
 from attacks.audit import epsilon_one_run, one_run_p_value
 from attacks.audit_run import AuditRunOptions, build_report, guess_grid, run_audit
 from attacks.canaries import CanarySet, inclusion_coins, insert_canaries
+from dptrain import rundir
 from dptrain.cli import main
 from dptrain.data import IntentData, Split, load_intent_data
 from dptrain.errors import ConfigError
@@ -244,7 +245,7 @@ def _check_files(out: Path, m: int) -> dict:
     assert report["canaries"]["m"] == m == len(canaries["texts"]) == len(canaries["phi"])
     assert report["canaries"]["included"] == int(included.sum())
     assert report["canaries"]["seed"] == CANARY_SEED
-    members = json.loads((out / "run" / "members.json").read_text())
+    members = json.loads((out / "run" / rundir.MEMBERS).read_text())
     n = report["canaries"]["num_natural_train"]
     assert members["member_ids"] == list(range(n)) + [n + int(i) for i in np.flatnonzero(included)]
     privacy = report["theoretical"]

@@ -250,3 +250,101 @@ def test_verbose_after_the_subcommand_and_full_command_in_errors(tmp_path):
             f"run directory {missing} not found")
     refused(dptrain("train", "-v", "--data", missing, "--out", tmp_path / "o"), "train",
             "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# dptrain audit
+# ---------------------------------------------------------------------------------------------
+
+AUDIT = ["audit", "--model", "tiny", "--data", "synthetic", "--synthetic-per-intent", "2",
+         "--epochs", "4", "--batch-size", "16", "--physical-batch-size", "64", "--dp-seed", "1",
+         "--canaries", "20", "--canary-seed", "3", "--epsilon", "4", "--quiet"]
+
+
+@pytest.mark.parametrize("where", ["read-only", "/proc/x", "under a file"])
+def test_audit_unwritable_out_is_one_line(tmp_path, where):
+    prefix = []
+    if where == "read-only":
+        out = tmp_path / "ro"
+        prefix = read_only(out)
+    elif where == "under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "audit"
+    else:
+        out = Path(where)
+    before = snapshot(tmp_path)
+    refused(dptrain(*AUDIT, "--out", out, prefix=prefix), "audit", f"--out {out}")
+    assert snapshot(tmp_path) == before
+
+
+def test_audit_recipe_refused_by_the_trainer_leaves_nothing(tmp_path):
+    """The canaries are stored before training; a recipe the trainer refuses takes them back."""
+    out = tmp_path / "new" / "audit"
+    before = snapshot(tmp_path)
+    refused(dptrain(*AUDIT, "--batch-size", "500", "--out", out), "audit",
+            "batch_size must be <=")
+    assert snapshot(tmp_path) == before
+
+
+def _canaries(out: Path) -> dict:
+    stored = json.loads((out / "canaries.json").read_text())
+    return {k: stored[k] for k in ("texts", "labels", "included", "num_natural", "seed")}
+
+
+def test_audit_resumes_from_its_checkpoint_after_sigkill(tmp_path):
+    out = tmp_path / "audit"
+    state = out / "run" / "checkpoint" / "state.json"
+    kill_when([*AUDIT, "--checkpoint-every", "2", "--out", out], state.exists)
+    assert not (out / "run" / "privacy.json").exists() and not (out / "report.json").exists()
+    canaries = _canaries(out)  # stored before training began
+    steps_done = json.loads(state.read_text())["step"]
+
+    before = snapshot(tmp_path)
+    refused(dptrain(*AUDIT, "--out", out), "audit", "stopped audit",
+            f"dptrain audit --resume --out {out}")
+    refused(dptrain("audit", "--resume", "--epsilon", "3", "--out", out), "audit",
+            "drop --epsilon")
+    assert snapshot(tmp_path) == before
+
+    proc = dptrain("audit", "--resume", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming (from its checkpoint)" in proc.stdout
+    assert _canaries(out) == canaries  # the same canaries and coins
+    report = json.loads((out / "report.json").read_text())
+    privacy = json.loads((out / "run" / "privacy.json").read_text())
+    # the ε of the steps taken before the kill is kept: the ledger holds every planned step
+    assert privacy["steps"] == privacy["planned_steps"] > steps_done
+    assert sum(h[2] for h in privacy["history"]) == privacy["planned_steps"]
+    assert 3.5 < privacy["epsilon"] <= 4.0
+    assert report["theoretical"] == privacy and report["canaries"]["seed"] == 3
+    n = canaries["num_natural"]
+    members = json.loads((out / "run" / rundir.MEMBERS).read_text())["member_ids"]
+    assert members == list(range(n)) + [n + i for i, c in enumerate(canaries["included"]) if c]
+
+    finished = snapshot(tmp_path)
+    refused(dptrain("audit", "--resume", "--out", out), "audit", "finished audit")
+    assert snapshot(tmp_path) == finished
+
+
+def test_audit_killed_before_its_first_checkpoint_restarts_with_the_same_canaries(tmp_path):
+    out = tmp_path / "audit"
+    # --checkpoint-every beyond the run's steps: no checkpoint is ever written
+    kill_when([*AUDIT, "--checkpoint-every", "1000", "--out", out],
+              (out / "run" / rundir.CONFIG).exists)
+    canaries = _canaries(out)
+    proc = dptrain("audit", "--resume", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "restarting (it stopped before its first checkpoint)" in proc.stdout
+    assert _canaries(out) == canaries
+    assert json.loads((out / "report.json").read_text())["canaries"]["m"] == 20
+
+
+def test_audit_resume_refuses_what_is_not_a_stopped_audit(tmp_path):
+    refused(dptrain("audit", "--resume", "--out", tmp_path / "none"), "audit", "not found")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    refused(dptrain("audit", "--resume", "--out", other), "audit", "no stopped audit")
+    assert snapshot(tmp_path) == before
+
