@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train on the built-in synthetic intents without privacy, "
                           "at epsilon 8 and at epsilon 1, and print accuracy and epsilon side by side.")
     demo.add_argument("--out", type=Path, default=Path("dptrain-demo"),
-                      help="directory for the runs and the summary (default: ./dptrain-demo)")
+                      help="directory for the runs and the summary (default: ./dptrain-demo); "
+                      "run again after a crash, the demo continues where it stopped")
     demo.add_argument("--model", default=None,
                       help="model (default: 'minilm' when installed, else 'tiny')")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster version (tests, CI)")

@@ -9,22 +9,30 @@ AUC, TPR at 1% FPR and the empirical ε lower bound next to the claimed ε (each
 training runs: ``dptrain attack mia --run DIR`` and ``dptrain audit``.
 
 Uses the packaged all-MiniLM-L6-v2 when it is installed, else the tiny random BERT. Finished runs
-and attack reports are reused and stopped runs resumed, so running the demo again loses nothing.
+and attack reports are reused, stopped runs resumed from their checkpoint (or restarted when they
+stopped before the first one), so running the demo again after a crash loses nothing; it never
+overwrites what it did not write (:mod:`dptrain.outputs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 from . import rundir
+from .errors import ConfigError, DPTrainError
 from .models import MINILM, TINY, minilm_available
-from .summary import plot_privacy_utility, print_rows, print_table
+from .outputs import OutputDir
+from .summary import print_rows, print_table, privacy_utility_png
 from .trainer import RunSummary, TrainConfig, train_run
 
 EPSILONS = (math.inf, 8.0, 1.0)
+COMMAND = "dptrain demo"
+SUMMARY = "summary.json"
+FIGURE = "privacy_utility.png"
 
 
 def demo_config(model: str, quick: bool) -> TrainConfig:
@@ -43,23 +51,44 @@ def demo_config(model: str, quick: bool) -> TrainConfig:
                        delta=1e-5, seed=0)
 
 
-def attack_run(run_dir: Path) -> tuple[dict, Path]:
-    """The loss attack's report on a finished run and where it is, reused or computed now.
+def attack_plan(run_dir: Path) -> tuple[str, Path]:
+    """Where the loss attack's report on ``run_dir`` comes from: ``("reuse", dir)`` or
+    ``("attack", dir)``; decided before anything is trained, refused (ConfigError) if nowhere.
 
-    A report the user made under ``attacks/`` with other attacks is never overwritten: the
-    demo's own then goes to ``attacks-loss/``.
+    ``attacks/`` is reused when it holds a report with the loss attack that ``dptrain attack
+    mia`` wrote. A report there with other attacks (the user's own), or one that command did not
+    write, is never overwritten, nor read: the demo's own then goes to ``attacks-loss/``.
     """
+    from attacks.membership import report_dir
+    from attacks.report import FILES, REPORT
+
+    candidates = ("attacks", "attacks-loss")
+    for sub in candidates:
+        outputs = report_dir(run_dir, run_dir / sub)
+        if outputs.owns(REPORT):
+            if "loss" in rundir.read_json(outputs.path / REPORT).get("attacks", {}):
+                return "reuse", outputs.path
+            continue
+        if (outputs.path / REPORT).exists() and sub != candidates[-1]:
+            continue
+        try:
+            outputs.check(files=FILES)
+        except ConfigError:
+            if sub == candidates[-1]:
+                raise
+            continue
+        return "attack", outputs.path
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def attack_run(run_dir: Path) -> tuple[dict, Path]:
+    """The loss attack's report on a finished run and where it is, reused or computed now."""
     from attacks.membership import run_membership_inference
     from attacks.report import REPORT
 
-    out = run_dir / "attacks"
-    if (out / REPORT).exists():
-        report = rundir.read_json(out / REPORT)
-        if "loss" in report.get("attacks", {}):
-            return report, out
-        out = run_dir / "attacks-loss"  # the user's report under attacks/ stays as it is
-        if (out / REPORT).exists():
-            return rundir.read_json(out / REPORT), out
+    action, out = attack_plan(run_dir)
+    if action == "reuse":
+        return rundir.read_json(out / REPORT), out
     return run_membership_inference(run_dir, out, attacks=["loss"], progress=False), out
 
 
@@ -83,22 +112,85 @@ def attack_rows(summaries: Sequence[RunSummary], reports: Sequence[dict]) -> lis
     return rows
 
 
+def _differences(saved: TrainConfig, config: TrainConfig) -> str:
+    return ", ".join(f"{f.name} {getattr(saved, f.name)!r} instead of {getattr(config, f.name)!r}"
+                     for f in dataclasses.fields(TrainConfig)
+                     if getattr(saved, f.name) != getattr(config, f.name))
+
+
+def run_plan(run_dir: Path, config: TrainConfig) -> str:
+    """What the demo does with one of its run directories: 'train' (there is none), 'reuse' (a
+    finished run), 'resume' (a checkpoint) or 'restart' (stopped before its first checkpoint).
+
+    Only directories the demo made itself come here (its manifest says so). A finished or
+    stopped run of another recipe — another --model, --quick or not — is refused, never mixed in.
+    """
+    if not run_dir.exists():
+        return "train"
+    finished = (run_dir / rundir.PRIVACY).exists()
+    stopped = any((path / "state.json").exists() for path in
+                  (run_dir / rundir.CHECKPOINT, run_dir / f".{rundir.CHECKPOINT}.old"))
+    if not (finished or stopped):
+        return "restart"
+    saved = rundir.read_json(run_dir / rundir.CONFIG)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"{run_dir / rundir.CONFIG} holds no training configuration.")
+    saved = TrainConfig.from_dict(saved["config"])
+    if saved != config:
+        raise ConfigError(
+            f"{run_dir} holds a {'finished' if finished else 'stopped'} run of another recipe "
+            f"({_differences(saved, config)}); the demo does not mix recipes: choose another "
+            "--out, or rerun with the same --model and --quick."
+        )
+    return "reuse" if finished else "resume"
+
+
+_DOING = {"train": "training", "resume": "resuming", "restart": "restarting (it stopped before "
+          "its first checkpoint)"}
+
+
 def run_demo(out: Path, model: str | None = None, quick: bool = False, progress: bool = True) -> list[RunSummary]:
+    """Train, attack and compare; rerun after a crash, it picks up where it stopped.
+
+    Before anything is trained, the demo refuses (ConfigError) what it cannot do without
+    overwriting something it did not write (:mod:`dptrain.outputs`): a summary.json or
+    privacy_utility.png of someone else's in ``out``, a run directory it did not make, a run of
+    another recipe. Its run directories are recorded in ``out``'s manifest before they are made;
+    on a rerun each is reused (finished), resumed (checkpoint) or restarted from scratch
+    (stopped before its first checkpoint: no privacy was spent on anything released).
+    """
     out = Path(out)
     model = model or (MINILM if minilm_available() else TINY)
     base = demo_config(model, quick)
-    summaries = []
-    for eps in EPSILONS:
-        run_dir = out / ("eps_inf" if math.isinf(eps) else f"eps_{eps:g}")
+    outputs = OutputDir(out, COMMAND)
+    runs = [(eps, "eps_inf" if math.isinf(eps) else f"eps_{eps:g}") for eps in EPSILONS]
+    outputs.check(files=(SUMMARY, FIGURE), dirs=[name for _, name in runs])
+    plans = []
+    for eps, name in runs:
         config = dataclasses.replace(base, epsilon=eps)
+        action = run_plan(out / name, config)
+        attack = attack_plan(out / name) if action in ("reuse", "resume") else None
+        plans.append((eps, name, config, action, attack))
+
+    summaries = []
+    for eps, name, config, action, _ in plans:
+        run_dir = out / name
         label = "non-private" if math.isinf(eps) else f"ε = {eps:g}"
-        if (run_dir / rundir.PRIVACY).exists():
+        if action == "reuse":
             print(f"[demo] {label}: reusing the finished run in {run_dir}")
             summaries.append(RunSummary.load(run_dir))
             continue
-        resume = (run_dir / rundir.CHECKPOINT).exists()
-        print(f"[demo] {label}: {'resuming' if resume else 'training'} {model} → {run_dir}", flush=True)
-        summaries.append(train_run(config, run_dir, resume=resume, progress=progress))
+        print(f"[demo] {label}: {_DOING[action]} {model} → {run_dir}", flush=True)
+        if action == "restart":
+            shutil.rmtree(run_dir)
+        outputs.claim_dir(name)
+        try:
+            summaries.append(train_run(config, run_dir, resume=action == "resume",
+                                       progress=progress))
+        except DPTrainError:
+            if not run_dir.exists():  # refused before it wrote anything (e.g. an unknown --model)
+                outputs.unclaim_dir(name)
+            raise
     from attacks.metrics import fpr_key
 
     print("[demo] attacking each model: loss-threshold membership inference", flush=True)
@@ -108,9 +200,9 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
     print_table(summaries)
     print("\nWhat an attacker measures (members vs held-out examples, 95% confidence):")
     print_rows(attack_rows(summaries, reports))
-    figure = out / "privacy_utility.png"
-    plot_privacy_utility(figure, summaries, title=f"{model} on synthetic intents")
-    rundir.write_json(out / "summary.json", {
+    outputs.remove(SUMMARY)  # written last: it marks a finished demo
+    outputs.write_bytes(FIGURE, privacy_utility_png(summaries, title=f"{model} on synthetic intents"))
+    outputs.write_json(SUMMARY, {
         "model": model,
         "runs": [{"run": str(s.out_dir), "target_epsilon": s.privacy["target_epsilon"],
                   "epsilon": s.privacy["epsilon"], "delta": s.privacy["delta"],
@@ -122,5 +214,5 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
                   "attack_report": str(where / "report.json")}
                  for s, (r, where) in zip(summaries, attacked)],
     })
-    print(f"\nprivacy–utility figure: {figure}; ROC curves: {out}/*/attacks*/roc.png")
+    print(f"\nprivacy–utility figure: {out / FIGURE}; ROC curves: {out}/*/attacks*/roc.png")
     return summaries

@@ -47,15 +47,20 @@ def print_rows(rows: Sequence[Sequence[str]], file=None) -> None:
 
 
 def plot_privacy_utility(path: Path, summaries: Sequence, title: str) -> None:
-    """Test accuracy against ε (log axis), the non-private run as a dashed line."""
+    """Write :func:`privacy_utility_png` to ``path``, atomically."""
+    from .rundir import write_bytes_atomic
+
+    write_bytes_atomic(Path(path), privacy_utility_png(summaries, title))
+
+
+def privacy_utility_png(summaries: Sequence, title: str) -> bytes:
+    """Test accuracy against ε (log axis), the non-private run as a dashed line; PNG bytes."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .rundir import write_bytes_atomic
 
     private = sorted((s for s in summaries if math.isfinite(s.privacy["epsilon"])),
                      key=lambda s: s.privacy["epsilon"])
@@ -84,4 +89,4 @@ def plot_privacy_utility(path: Path, summaries: Sequence, title: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_bytes_atomic(Path(path), buf.getvalue())
+    return buf.getvalue()

@@ -348,3 +348,79 @@ def test_audit_resume_refuses_what_is_not_a_stopped_audit(tmp_path):
     refused(dptrain("audit", "--resume", "--out", other), "audit", "no stopped audit")
     assert snapshot(tmp_path) == before
 
+
+# ---------------------------------------------------------------------------------------------
+# dptrain demo
+# ---------------------------------------------------------------------------------------------
+
+DEMO = ["demo", "--quick", "--model", "tiny", "--quiet"]
+
+
+@pytest.mark.parametrize("name", ["summary.json", "privacy_utility.png", "eps_8/notes.txt"])
+def test_demo_never_overwrites_what_it_did_not_write(tmp_path, name):
+    out = tmp_path / "demo"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_text("the user's")
+    before = snapshot(tmp_path)
+    refused(dptrain(*DEMO, "--out", out), "demo", f"--out {out} already holds "
+            f"{name.split('/')[0] + ('/' if '/' in name else '')}", "dptrain demo did not write")
+    assert snapshot(tmp_path) == before
+
+
+def test_demo_with_a_model_the_trainer_refuses_leaves_nothing(tmp_path):
+    out = tmp_path / "demo"
+    before = snapshot(tmp_path)
+    refused(dptrain(*DEMO, "--model", tmp_path / "no-such-model", "--out", out), "demo",
+            "no-such-model")
+    assert snapshot(tmp_path) == before
+
+
+def _finished_demo(out: Path, proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["target_epsilon"] for r in summary["runs"]] == ["inf", 8.0, 1.0]
+    for r in summary["runs"]:
+        privacy = json.loads((Path(r["run"]) / "privacy.json").read_text())
+        assert privacy["steps"] == privacy["planned_steps"]
+        assert Path(r["attack_report"]).exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["dirs"]) == {"eps_inf", "eps_8", "eps_1"}
+    assert set(manifest["files"]) == {"summary.json", "privacy_utility.png"}
+
+
+def test_demo_killed_before_its_first_checkpoint_restarts_that_run(tmp_path):
+    out = tmp_path / "demo"
+    first = out / "eps_inf"
+    kill_when([*DEMO, "--out", out], (first / "config.json").exists)
+    assert not (first / "checkpoint").exists() and not (first / "privacy.json").exists()
+    proc = dptrain(*DEMO, "--out", out)
+    _finished_demo(out, proc)
+    assert "non-private: restarting (it stopped before its first checkpoint)" in proc.stdout
+
+
+def test_demo_killed_after_a_checkpoint_resumes_that_run(tmp_path):
+    out = tmp_path / "demo"
+    state = out / "eps_inf" / "checkpoint" / "state.json"
+    kill_when([*DEMO, "--out", out], state.exists)
+    assert not (out / "eps_inf" / "privacy.json").exists()
+    proc = dptrain(*DEMO, "--out", out)
+    _finished_demo(out, proc)
+    assert "non-private: resuming tiny" in proc.stdout
+    assert "ε = 8: training tiny" in proc.stdout
+
+
+def test_demo_refuses_a_run_of_another_recipe(tmp_path):
+    from dptrain.demo import demo_config, run_plan
+    from dptrain.errors import ConfigError
+
+    run = tmp_path / "eps_8"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.json").write_text("{}")
+    saved = TrainConfig(**{**demo_config("tiny", quick=True).to_dict(), "epsilon": 8.0})
+    (run / "config.json").write_text(json.dumps({"config": saved.to_dict()}))
+    assert run_plan(run, saved) == "resume"
+    wanted = TrainConfig(**{**demo_config("tiny", quick=False).to_dict(), "epsilon": 8.0})
+    with pytest.raises(ConfigError, match="stopped run of another recipe"):
+        run_plan(run, wanted)
+    (run / "checkpoint" / "state.json").unlink()
+    assert run_plan(run, wanted) == "restart"
