@@ -113,9 +113,16 @@ def attack_rows(summaries: Sequence[RunSummary], reports: Sequence[dict]) -> lis
 
 
 def _differences(saved: TrainConfig, config: TrainConfig) -> str:
-    return ", ".join(f"{f.name} {getattr(saved, f.name)!r} instead of {getattr(config, f.name)!r}"
-                     for f in dataclasses.fields(TrainConfig)
-                     if getattr(saved, f.name) != getattr(config, f.name))
+    """The fields in which a run's saved config departs from the demo's recipe. A field the
+    recipe leaves to the trainer (None or 'auto') matches whatever the trainer chose and
+    recorded: the choice follows from the other fields and the data."""
+    differ = []
+    for f in dataclasses.fields(TrainConfig):
+        want, got = getattr(config, f.name), getattr(saved, f.name)
+        if want is None or want == "auto" or got == want:
+            continue
+        differ.append(f"{f.name} {got!r} instead of {want!r}")
+    return ", ".join(differ)
 
 
 def run_plan(run_dir: Path, config: TrainConfig) -> str:
@@ -135,12 +142,12 @@ def run_plan(run_dir: Path, config: TrainConfig) -> str:
     saved = rundir.read_json(run_dir / rundir.CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ConfigError(f"{run_dir / rundir.CONFIG} holds no training configuration.")
-    saved = TrainConfig.from_dict(saved["config"])
-    if saved != config:
+    differences = _differences(TrainConfig.from_dict(saved["config"]), config)
+    if differences:
         raise ConfigError(
             f"{run_dir} holds a {'finished' if finished else 'stopped'} run of another recipe "
-            f"({_differences(saved, config)}); the demo does not mix recipes: choose another "
-            "--out, or rerun with the same --model and --quick."
+            f"({differences}); the demo does not mix recipes: choose another --out, or rerun "
+            "with the same --model and --quick."
         )
     return "reuse" if finished else "resume"
 

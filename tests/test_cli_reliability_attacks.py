@@ -419,6 +419,10 @@ def test_demo_refuses_a_run_of_another_recipe(tmp_path):
     saved = TrainConfig(**{**demo_config("tiny", quick=True).to_dict(), "epsilon": 8.0})
     (run / "config.json").write_text(json.dumps({"config": saved.to_dict()}))
     assert run_plan(run, saved) == "resume"
+    # what the trainer chose for the recipe's 'auto' fields is recorded, and matches them
+    chosen = {f: "all" for f in ("trainable",) if saved.trainable == "auto"}
+    (run / "config.json").write_text(json.dumps({"config": {**saved.to_dict(), **chosen}}))
+    assert run_plan(run, saved) == "resume"
     wanted = TrainConfig(**{**demo_config("tiny", quick=False).to_dict(), "epsilon": 8.0})
     with pytest.raises(ConfigError, match="stopped run of another recipe"):
         run_plan(run, wanted)
