@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import rundir
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 MANIFEST = ".dptrain-manifest.json"
 
@@ -72,7 +72,7 @@ def check_writable(directory: str | Path, what: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         where = "" if existing == target else f" (cannot create files in {existing})"
-        raise ConfigError(f"{what} is not writable: {exc.strerror or exc}{where}.") from None
+        raise OutputError(f"{what} is not writable: {exc.strerror or exc}{where}.") from None
 
 
 class OutputDir:

@@ -70,7 +70,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, expected):
 
 def test_unwritable_out_is_one_line(tmp_path):
     line = one_line_error(dptrain("train", *TINY, "--out", "/proc/dptrain-cannot-be-here"))
-    assert "cannot write /proc/dptrain-cannot-be-here" in line
+    assert "--out /proc/dptrain-cannot-be-here is not writable" in line
 
 
 def test_pickled_model_directory_is_refused_without_unpickling(tmp_path):
@@ -223,3 +223,33 @@ def test_run_directory_files_have_one_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert modes == {oct(0o666 & ~mask)}
+
+
+def test_a_model_that_learned_nothing_is_flagged_everywhere(tmp_path, capsys):
+    """The random tiny model after two steps is at chance level: the CLI summary, metrics.json
+    and the attack report all say so (a model that learned nothing proves nothing)."""
+    from dptrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--data", "synthetic", "--synthetic-per-intent", "12",
+                 "--epochs", "0.2", "--batch-size", "64", "--quiet", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is at chance level" in out and "learned nothing" in out
+    chance = json.loads((run / "metrics.json").read_text())["chance_level"]
+    assert chance["learned"] is False and chance["p_value"] > 0.01
+    assert main(["attack", "mia", "--run", str(run), "--attacks", "loss", "--quiet"]) == 0
+    report = json.loads((run / "attacks" / "report.json").read_text())
+    assert report["target"]["learned"] is False
+    assert any("at chance level" in line for line in report["summary"])
+
+
+def test_chance_level_is_a_one_sided_binomial_test_against_the_majority_class():
+    import numpy as np
+
+    from dptrain.trainer import chance_level
+
+    labels = np.array([0] * 60 + [1] * 20 + [2] * 20)
+    lucky = chance_level(labels, np.zeros(100, dtype=int))  # always the majority: 0.60
+    assert lucky["majority_class_accuracy"] == 0.6 and not lucky["learned"]
+    good = chance_level(labels, labels)  # 100 of 100 against p = 0.6: p-value 0.6^100
+    assert good["learned"] and good["p_value"] == pytest.approx(0.6 ** 100)
