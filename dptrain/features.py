@@ -9,9 +9,11 @@ depends on x_i only through f(x_i). Computing f(x_i) once (eval mode: the frozen
 dropout is off) and training on the cached features is the same mechanism — the same Poisson
 batches, per-sample clipping, noise and accountant — at the cost of the head alone per epoch.
 
-The features are derived from private data: they live in memory (or inside the run directory's
-process), never in a shared cache. A model whose encoder has any trainable parameter is refused
-here (the cache would skip it).
+The features are derived from private data: they live in this process's memory only, never on
+disk or in a shared cache. Within one process they are remembered per encoder (by the sha256 of
+its weights) and token sequence, so the shadow models of ``attack mia`` and the runs of an audit,
+which see the same population, encode each example once. A model whose encoder has any
+trainable parameter is refused here (the cache would skip it).
 """
 
 from __future__ import annotations
@@ -66,20 +68,45 @@ def feature_head(model: nn.Module) -> FeatureHead:
     return FeatureHead(model)
 
 
+_MEMORY: dict[tuple, dict[tuple[int, ...], torch.Tensor]] = {}  # one encoder at a time
+
+
+def forget() -> None:
+    """Drop every remembered feature."""
+    _MEMORY.clear()
+
+
 @torch.no_grad()
 def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: int = 256,
                     progress=None) -> torch.Tensor:
     """Mean-pooled encoder states [N, d] of every example of an encoded split (eval mode).
 
-    Examples are batched by length (little padding); each row depends on its own example only.
+    Examples are batched by length (little padding); each row depends on its own example only,
+    which is what lets a row computed in one call be reused in another.
     """
     from .data import collate
+    from .models import weights_sha256
 
+    dtype = next(model.classifier.parameters()).dtype  # what the head computes in
+    key = (weights_sha256(model.encoder), dtype, int(pad_token_id))
+    if key not in _MEMORY:
+        _MEMORY.clear()
+        _MEMORY[key] = {}
+    memory = _MEMORY[key]
+    out = torch.empty(len(encoded), model.config.hidden_size, dtype=dtype)
+    todo = []
+    for i, ids in enumerate(encoded.input_ids):
+        known = memory.get(tuple(ids))
+        if known is None:
+            todo.append(i)
+        else:
+            out[i] = known
+    if progress is not None and len(encoded) > len(todo):
+        progress(len(encoded) - len(todo))
+    todo = np.asarray(todo, dtype=np.int64)
+    order = todo[np.argsort(encoded.lengths[todo], kind="stable")]
     was_training = model.encoder.training
     model.encoder.eval()
-    order = np.argsort(encoded.lengths, kind="stable")
-    dtype = next(model.classifier.parameters()).dtype  # what the head computes in
-    out = torch.empty(len(order), model.config.hidden_size, dtype=dtype)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -87,8 +114,10 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
             states = model.encoder(input_ids=batch["input_ids"],
                                    attention_mask=batch["attention_mask"]).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-            out[torch.from_numpy(idx)] = pooled.to(out.dtype)
+            pooled = ((states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).to(dtype)
+            out[torch.from_numpy(idx)] = pooled
+            for row, i in zip(pooled, idx.tolist()):
+                memory[tuple(encoded.input_ids[i])] = row.clone()
             if progress is not None:
                 progress(len(idx))
     finally:

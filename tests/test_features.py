@@ -90,3 +90,26 @@ def test_head_only_run_trains_on_cached_features_with_the_planned_epsilon(encode
         steps=privacy["steps"], delta=privacy["delta"]), rel=1e-9)
     assert privacy["epsilon"] <= 8.0
     assert not (tmp_path / "run" / "model" / "encoder").exists()  # the head, by reference
+
+
+def test_features_are_remembered_per_encoder_and_reused_exactly(encoder_dir, monkeypatch):
+    """A second call (a shadow model on the same population) encodes nothing again and returns
+    the same rows; another encoder (other weights) never sees them."""
+    from dptrain import features
+
+    features.forget()
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, tokenizer = head_model(encoder_dir, data)
+    enc = encode(tokenizer, data.train, 32)
+    first = pooled_features(model, enc, tokenizer.pad_token_id, batch_size=7)
+    calls = []
+    original = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = pooled_features(model, enc, tokenizer.pad_token_id)
+    assert calls == [] and torch.equal(first, again)
+    with torch.no_grad():
+        w = model.encoder.embeddings.word_embeddings.weight
+        w.add_(0.5 * torch.randn_like(w))  # another encoder (a constant shift LayerNorm would undo)
+    other = pooled_features(model, enc, tokenizer.pad_token_id)
+    assert calls and not torch.allclose(other, first)
+    features.forget()
