@@ -334,7 +334,8 @@ def _train_and_report(outputs: OutputDir, config, options: AuditRunOptions, cana
         )
     phi, loss = _score(run_dir, canaries, config.max_length)
     report = build_report(summary.privacy, canaries, phi, options,
-                          model=config.model, data=config.data)
+                          model=config.model, data=config.data,
+                          learned=summary.metrics.get("chance_level", {}).get("learned"))
     outputs.write_json(CANARIES, {
         **canaries.to_dict(), "score": "phi", "phi": phi.tolist(), "loss": loss.tolist(),
     })
@@ -362,7 +363,7 @@ def _score(run_dir: Path, canaries, max_length: int) -> tuple[np.ndarray, np.nda
 
 
 def build_report(privacy: dict[str, Any], canaries, phi: np.ndarray, options: AuditRunOptions,
-                 *, model: str = "", data: str = "") -> dict[str, Any]:
+                 *, model: str = "", data: str = "", learned: bool | None = None) -> dict[str, Any]:
     """The report.json content from the run's privacy record, the canaries and their scores.
 
     Needs numpy/scipy only (through :mod:`attacks.audit`): an audit of scores from any framework
@@ -422,8 +423,13 @@ def build_report(privacy: dict[str, Any], canaries, phi: np.ndarray, options: Au
             "excluded_median": _median(phi[~included]),
         },
         "threshold_audits": threshold_audits,
+        "model_learned": learned,
     }
     report["summary"] = _summary_lines(report, claimed, delta, private, model, data)
+    if learned is False:
+        from attacks.report import CHANCE_WARNING
+
+        report["summary"].append(CHANCE_WARNING)
     return report
 
 

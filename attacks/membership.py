@@ -271,6 +271,7 @@ def run_membership_inference(
         "epochs": target.config.epochs,
         "batch_size": target.config.batch_size,
         "test_accuracy": _test_accuracy(target.run_dir),
+        "learned": model_learned(target.run_dir),
     }
     return write_mia_report(
         outputs, target=target_info, theoretical=privacy, population=population,
@@ -288,6 +289,14 @@ def report_dir(run_dir: str | Path, out_dir: str | Path | None = None):
         return OutputDir(out_dir, COMMAND)
     out = Path(run_dir) / "attacks"
     return OutputDir(out, COMMAND, what=f"the report directory {out} (default --out)")
+
+
+def model_learned(run_dir: Path) -> bool | None:
+    """metrics.json's verdict on whether the model beats chance (None: not recorded)."""
+    try:
+        return bool(rundir.read_json(run_dir / rundir.METRICS)["chance_level"]["learned"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _test_accuracy(run_dir: Path) -> float | None:

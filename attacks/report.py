@@ -99,6 +99,11 @@ def verdict(claimed: float, clopper_pearson: float, gdp: float) -> str:
     return "refuted if gaussian" if gdp > claimed else "consistent"
 
 
+CHANCE_WARNING = ("WARNING: the attacked model is at chance level (it learned nothing; see "
+                  "metrics.json chance_level), so no attack can find leakage in it: this "
+                  "result says nothing about the recipe's privacy.")
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few sentences a reviewer can read without the code, from a report's content."""
     theory = report["theoretical"]
@@ -139,6 +144,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         "consistent": f", below the claimed ε = {claimed:.2f}: no evidence against the claim.",
     }
     lines.append(bound + words[report["verdict"]])
+    if target.get("learned") is False:
+        lines.append(CHANCE_WARNING)
     lines.append("Caveat: these bounds count each evaluated example as an independent trial "
                  "against one trained model, so they are indicative; a formal audit includes "
                  "canaries at random (one run, Steinke et al. 2023).")

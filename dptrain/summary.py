@@ -33,6 +33,22 @@ def table_rows(summaries: Sequence) -> list[list[str]]:
 
 def print_table(summaries: Sequence, file=None) -> None:
     print_rows(table_rows(summaries), file=file)
+    for line in chance_warnings(summaries):
+        print(line, file=file)
+
+
+def chance_warnings(summaries: Sequence) -> list[str]:
+    """One warning per run whose model learned nothing (``metrics.json`` ``chance_level``)."""
+    lines = []
+    for s in summaries:
+        chance = s.metrics.get("chance_level")
+        if chance and not chance["learned"]:
+            lines.append(
+                f"warning: {Path(s.out_dir).name} is at chance level (test accuracy "
+                f"{s.metrics['accuracy']:.3f}; always answering the most frequent label gives "
+                f"{chance['majority_class_accuracy']:.3f}, p = {chance['p_value']:.2g}): the model "
+                "learned nothing, so attacks and audits on it prove nothing.")
+    return lines
 
 
 def print_rows(rows: Sequence[Sequence[str]], file=None) -> None:
