@@ -367,6 +367,11 @@ def test_csv_errors(tmp_path):
     data_error(lambda: load_intent_data(csv_file), "must be valid CSV")
     csv_file.write_bytes(b"text,label\n\xff\xfe,a\n")
     data_error(lambda: load_intent_data(csv_file), "must be UTF-8 text")
+    # far past the decoder's first buffer: the offset must be the file's, not the buffer's
+    good = "".join(f"please check balance number {i},a\n" for i in range(4000)).encode()
+    csv_file.write_bytes(b"text,label\n" + good + b"bad \xe9 byte,a\n")
+    offset = len(b"text,label\n" + good) + 4
+    data_error(lambda: load_intent_data(csv_file), f"got byte 0xe9 at byte offset {offset} (line 4002)")
 
 
 def test_jsonl_errors(tmp_path):

@@ -253,3 +253,17 @@ def test_chance_level_is_a_one_sided_binomial_test_against_the_majority_class():
     assert lucky["majority_class_accuracy"] == 0.6 and not lucky["learned"]
     good = chance_level(labels, labels)  # 100 of 100 against p = 0.6: p-value 0.6^100
     assert good["learned"] and good["p_value"] == pytest.approx(0.6 ** 100)
+
+
+def test_seeded_run_resumes_under_another_thread_count(tmp_path):
+    """The noise streams do not depend on the thread count: a seeded run stopped on 2 threads
+    resumes on 1 (it used to fail: 'noise state must hold 1 generator states, got 2')."""
+    out = tmp_path / "run"
+    killed = dptrain("train", *TINY, "--epochs", "3", "--checkpoint-every", "2", "--dp-seed", "5",
+                     "--out", out, prelude="import torch; torch.set_num_threads(2)\n" + KILL_AT.format(
+                         module="dptrain.checkpoint", name="save_checkpoint", nth=2, before="pass"))
+    assert killed.returncode == -signal.SIGKILL
+    result = dptrain("train", "--resume", "--out", out, prelude="import torch; torch.set_num_threads(1)")
+    assert result.returncode == 0, result.stderr
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["steps"] == privacy["planned_steps"]
