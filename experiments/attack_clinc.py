@@ -47,6 +47,11 @@ RECIPE = TrainConfig(
     model="minilm", delta=1e-5, epochs=5.0, batch_size=256, physical_batch_size=64, lr=1e-3,
     max_grad_norm="auto", trainable="last-6", max_length=32, seed=0,
 )
+# dptrain's default recipe (the head of the mean-pooled encoder on cached features, batch N/8
+# capped at 2048, 40 epochs, lr 3e-2): what a user gets with no flags. Shadows and audit runs of
+# it share the encoder's features in memory, so each costs seconds.
+DEFAULT_RECIPE = TrainConfig(model="minilm", delta=1e-5, seed=0)
+RECIPES = {"finetune": RECIPE, "default": DEFAULT_RECIPE}
 ATTACKS = ("loss", "lira_online", "lira_offline", "rmia")
 
 
@@ -189,14 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-audit", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a recipe field (repeatable), e.g. --set epochs=3")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="finetune",
+                        help="finetune: six blocks fine-tuned (memorizes more); default: "
+                        "dptrain's default head recipe")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not args.data.exists():
         raise SystemExit(f"{args.data} not found: pass --data PATH")
     args.out.mkdir(parents=True, exist_ok=True)
     subset = write_subset(args.data, args.intents, args.out / "data.json")
-    recipe = dataclasses.replace(RECIPE, data=str(args.out / "data.json"),
-                                 **parse_overrides(args.set, RECIPE))
+    base = RECIPES[args.recipe]
+    recipe = dataclasses.replace(base, data=str(args.out / "data.json"),
+                                 **parse_overrides(args.set, base))
     progress = not args.quiet
     rows = []
     for text in args.epsilons.split(","):
