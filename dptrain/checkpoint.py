@@ -32,7 +32,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, dp, sampler, ste
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
-        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().contiguous() for k, v in trained_state(model).items()}
         tensors[_RNG_PREFIX + "torch"] = torch.get_rng_state()
         if seeded and dp is not None:
             for i, s in enumerate(dp.optimizer.noise.state_dict()["generators"]):
@@ -50,6 +50,13 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, dp, sampler, ste
         })
 
     rundir.replace_dir(Path(path), fill)
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What training changes: the trainable parameters. Frozen weights (a head-only run's whole
+    encoder) are reloaded from the model's source on resume, so a checkpoint stays small."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trainable}
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,7 +92,7 @@ def restore(state: dict[str, Any], *, model, optimizer, scheduler, dp, sampler, 
     tensors = dict(state["tensors"])
     rng = {k[len(_RNG_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(_RNG_PREFIX)}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+    if unexpected or set(trained_state(model)) - set(tensors):
         raise ConfigError(
             f"checkpoint does not match the model (missing {list(missing)[:3]}, "
             f"unexpected {list(unexpected)[:3]})."

@@ -468,10 +468,13 @@ def train_run(
     bar = _progress(progress, total=steps, initial=done, private=dp is not None)
     step_optimizer.zero_grad()
     from .sampling import physical_batches
+    # Cached features are small: the head takes a whole logical batch at once (the physical
+    # batch size only bounds memory and never changes the result).
+    physical = config.physical_batch_size if batches.features is None else max(config.physical_batch_size, 4096)
     loss_sum, loss_n = 0.0, 0
     net.train()
     for indices in sampler:
-        for chunk in physical_batches(indices, config.physical_batch_size, enc["train"].lengths):
+        for chunk in physical_batches(indices, physical, enc["train"].lengths):
             outputs = net(**batches("train", chunk))
             loss = float(outputs.loss.detach())
             if not math.isfinite(loss):
