@@ -90,6 +90,16 @@ def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int
 
     labels = np.asarray(labels, dtype=np.int64)
     encoded = encode(tokenizer, Split(tuple(texts), labels), max_length)
+    from dptrain.models import MeanPoolingClassifier
+
+    if isinstance(model, MeanPoolingClassifier):  # encoder outputs shared with training and
+        from dptrain.features import pooled_features  # other shadows: only the head runs here
+
+        model.eval()
+        with torch.no_grad():
+            features = pooled_features(model, encoded, tokenizer.pad_token_id)
+            logits = model.classifier(features.to(model.classifier.weight.dtype)).double().numpy()
+        return signals_from_logits(logits, labels)
     order = np.argsort(encoded.lengths, kind="stable")
     logits = np.empty((len(labels), model.config.num_labels), dtype=np.float64)
     was_training = model.training

@@ -113,3 +113,22 @@ def test_features_are_remembered_per_encoder_and_reused_exactly(encoder_dir, mon
     other = pooled_features(model, enc, tokenizer.pad_token_id)
     assert calls and not torch.allclose(other, first)
     features.forget()
+
+
+def test_attack_signals_of_a_mean_pooling_classifier_match_the_full_model(encoder_dir):
+    """Attacks score a head-only model through the shared features: the logits must be the
+    full model's (encoder, pooling, head) in eval mode."""
+    from attacks.signals import compute_signals, signals_from_logits
+
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, tokenizer = head_model(encoder_dir, data)
+    model.dropout.p = 0.1  # eval mode must switch it off in both paths
+    texts, labels = data.test.texts, data.test.labels
+    fast = compute_signals(model, tokenizer, texts, labels, max_length=32)
+    enc = encode(tokenizer, data.test, 32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**collate(enc, np.arange(len(enc)), tokenizer.pad_token_id)).logits
+    full = signals_from_logits(logits.double().numpy(), np.asarray(labels))
+    np.testing.assert_allclose(fast.loss, full.loss, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fast.phi, full.phi, rtol=1e-9, atol=1e-12)
