@@ -204,17 +204,20 @@ def test_mia_replaces_its_own_report_and_says_so(run_copy, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["read-only", "/proc/x", "under a file"])
-def test_mia_unwritable_out_fails_at_once(run_copy, tmp_path, where):
-    prefix = []
+def unwritable_out(tmp_path: Path, where: str) -> tuple[Path, list]:
+    """An --out that cannot be written, and the command prefix that makes it so."""
     if where == "read-only":
         out = tmp_path / "ro"
-        prefix = read_only(out)
-    elif where == "under a file":
+        return out, read_only(out)
+    if where == "under a file":
         (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "out"
-    else:
-        out = Path(where)
+        return tmp_path / "file" / "out", []
+    return Path(where), []
+
+
+@pytest.mark.parametrize("where", ["read-only", "/proc/x", "under a file"])
+def test_mia_unwritable_out_fails_at_once(run_copy, tmp_path, where):
+    out, prefix = unwritable_out(tmp_path, where)
     before = snapshot(tmp_path)
     started = time.monotonic()
     proc = dptrain("attack", "mia", "--run", run_copy, "--shadows", "2", "--out", out,
@@ -263,15 +266,7 @@ AUDIT = ["audit", "--model", "tiny", "--data", "synthetic", "--synthetic-per-int
 
 @pytest.mark.parametrize("where", ["read-only", "/proc/x", "under a file"])
 def test_audit_unwritable_out_is_one_line(tmp_path, where):
-    prefix = []
-    if where == "read-only":
-        out = tmp_path / "ro"
-        prefix = read_only(out)
-    elif where == "under a file":
-        (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "audit"
-    else:
-        out = Path(where)
+    out, prefix = unwritable_out(tmp_path, where)
     before = snapshot(tmp_path)
     refused(dptrain(*AUDIT, "--out", out, prefix=prefix), "audit", f"--out {out}")
     assert snapshot(tmp_path) == before

@@ -1,31 +1,16 @@
 """Head-only training on cached encoder features is the same mechanism as running the frozen
 encoder every step: same per-sample clipped sums, same ε; a trainable encoder is refused."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
 from dptrain import ModelError, PerSampleClipper
 from dptrain.data import collate, encode, load_intent_data
 from dptrain.features import cacheable, feature_head, pooled_features
 from dptrain.models import load_model, set_trainable
 from oracle import clipped_sum, per_example_grads
-
-
-@pytest.fixture
-def encoder_dir(tmp_path, tiny_tokenizer):
-    """A tiny random BERT saved like a sentence-transformers checkpoint (mean pooling)."""
-    torch.manual_seed(0)
-    path = tmp_path / "encoder"
-    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    return path
 
 
 def head_model(encoder_dir, data):

@@ -1,28 +1,14 @@
 """Model resolution: local HF checkpoints, mean pooling for sentence encoders, trainable choices."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertModel
 
 from dptrain import ConfigError, ModelError, PerSampleClipper
 from dptrain.models import MeanPoolingClassifier, load_model, load_trained, set_trainable
 from oracle import assert_grads_close, clipped_sum, norms_of, per_example_grads
-
-
-@pytest.fixture
-def encoder_dir(tmp_path, tiny_tokenizer):
-    """A tiny random BERT saved like a sentence-transformers checkpoint (mean pooling)."""
-    torch.manual_seed(0)
-    path = tmp_path / "encoder"
-    BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    return path
 
 
 def test_auto_pooling_is_mean_for_sentence_encoders_and_cls_otherwise(encoder_dir):
