@@ -15,8 +15,11 @@
 :class:`~dptrain.optimizer.DPOptimizer` adds the noise and divides by the expected batch size.
 
 Fail-closed checks: BatchNorm and other sample-mixing layers, shared parameters, gradient
-checkpointing, gradients reaching a trainable parameter outside its module's forward, and two
-forward passes before one backward all raise instead of giving a silently wrong guarantee.
+checkpointing, gradients reaching a trainable parameter outside its module's forward, two forward
+passes before one backward, a batch axis that is not axis 0 of every clipped layer (verified once
+on sub-batches, since shapes cannot tell positions from samples when T == B), a kept tensor
+written in place before the backward pass reads it, and parameters frozen or unfrozen after
+attaching all raise instead of giving a silently wrong guarantee.
 """
 
 from __future__ import annotations
