@@ -17,6 +17,7 @@ target (:class:`~dptrain.errors.PrivacyBudgetExceeded`) instead of training on.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -74,6 +75,15 @@ def calibrate_noise_multiplier(
     """
     validate_budget(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                     accountant=accountant)
+    return _calibrated(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                       accountant, float(tolerance))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                accountant: str, tolerance: float) -> float:
+    """The bisection itself, a pure function of its arguments: remembered, because shadow models
+    and sweep cells with one recipe ask for the same σ many times (seconds each with PRV)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
