@@ -1,7 +1,7 @@
 """Fine-tune an intent classifier with DP-SGD (or without, at ε = ∞, with the same recipe).
 
 One run: load data → resolve model → choose what trains → Poisson-sampled logical batches split
-into length-bucketed physical batches → per-sample clipping, noise, AdamW → evaluate every epoch
+into length-bucketed physical batches → per-sample clipping, noise, AdamW → evaluate every epoch (at most ~10 times)
 → checkpoint → write the run directory (see :mod:`dptrain.rundir`).
 
 The non-private baseline (``epsilon=inf``) uses the same sampler, batch sizes, schedule and
@@ -471,6 +471,7 @@ def train_run(
     # Cached features are small: the head takes a whole logical batch at once (the physical
     # batch size only bounds memory and never changes the result).
     physical = config.physical_batch_size if batches.features is None else max(config.physical_batch_size, 4096)
+    every = max(1, math.ceil(config.epochs / 10))  # epochs between evaluations
     loss_sum, loss_n = 0.0, 0
     net.train()
     for indices in sampler:
@@ -486,8 +487,10 @@ def train_run(
         step_optimizer.zero_grad()
         scheduler.step()
         done += 1
-        # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number.
-        end_of_epoch = math.floor(done * sample_rate + 1e-9) > math.floor((done - 1) * sample_rate + 1e-9)
+        # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number. The
+        # curve gets a point every `every` epochs (at most ~10 points: each computes ε exactly).
+        end_of_epoch = (math.floor(done * sample_rate / every + 1e-9)
+                        > math.floor((done - 1) * sample_rate / every + 1e-9))
         if end_of_epoch or done == steps:
             val = evaluate(net, batches, "validation")
             curves.append({  # ε exactly as spent at this step: never a stale value
