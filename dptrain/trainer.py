@@ -1,8 +1,9 @@
 """Fine-tune an intent classifier with DP-SGD (or without, at ε = ∞, with the same recipe).
 
-One run: load data → resolve model → choose what trains → Poisson-sampled logical batches split
-into length-bucketed physical batches → per-sample clipping, noise, AdamW → evaluate every epoch (at most ~10 times)
-→ checkpoint → write the run directory (see :mod:`dptrain.rundir`).
+One run: load data → resolve model → choose what trains (and the recipe, :func:`recipe`) →
+encode once if only the head trains (:mod:`dptrain.features`) → Poisson-sampled logical batches
+split into length-bucketed physical batches → per-sample clipping, noise, AdamW → evaluate every
+epoch (at most ~10 times) → checkpoint → write the run directory (see :mod:`dptrain.rundir`).
 
 The non-private baseline (``epsilon=inf``) uses the same sampler, batch sizes, schedule and
 optimizer, with neither clipping nor noise, so that the difference in quality is the price of
