@@ -78,17 +78,18 @@ def forget() -> None:
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: int = 256,
-                    progress=None) -> torch.Tensor:
+                    progress=None, encoder_sha256: str | None = None) -> torch.Tensor:
     """Mean-pooled encoder states [N, d] of every example of an encoded split (eval mode).
 
     Examples are batched by length (little padding); each row depends on its own example only,
-    which is what lets a row computed in one call be reused in another.
+    which is what lets a row computed in one call be reused in another. ``encoder_sha256``:
+    :func:`~dptrain.models.weights_sha256` of the encoder, when the caller already has it.
     """
     from .data import collate
     from .models import weights_sha256
 
     dtype = next(model.classifier.parameters()).dtype  # what the head computes in
-    key = (weights_sha256(model.encoder), dtype, int(pad_token_id))
+    key = (encoder_sha256 or weights_sha256(model.encoder), dtype, int(pad_token_id))
     if key not in _MEMORY:
         _MEMORY.clear()
         _MEMORY[key] = {}

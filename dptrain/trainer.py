@@ -227,10 +227,13 @@ class Batches:
         self.net = model
         if cache_features:
             from .features import feature_head, pooled_features
+            from .models import weights_sha256
 
             self.net = feature_head(model)
             bar = _bar(progress, sum(len(e) for e in enc.values()), "encoding (once)", "ex")
-            self.features = {name: pooled_features(model, e, pad, progress=bar.update if bar else None)
+            sha = weights_sha256(model.encoder)  # once, not once per split
+            self.features = {name: pooled_features(model, e, pad, progress=bar.update if bar else None,
+                                                   encoder_sha256=sha)
                              for name, e in enc.items()}
             if bar is not None:
                 bar.close()
@@ -604,10 +607,10 @@ def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
 
 
 def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> None:
-    from .models import MeanPoolingClassifier
+    from .features import cacheable
 
-    by_reference = (config.trainable == "head" and isinstance(model, MeanPoolingClassifier)
-                    and model.source is not None)
+    # the encoder is the unchanged pretrained one exactly when the feature cache applied
+    by_reference = cacheable(model) and model.source is not None
 
     def save_model(tmp: Path) -> None:
         from transformers.utils import logging as hf_logging
