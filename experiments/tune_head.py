@@ -64,10 +64,11 @@ def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> f
 
 
 def train_head(model, feats, *, epsilon, batch_size, epochs, lr, seed=0, delta=1e-5,
-               normalize=False, label_init=0.0):
+               normalize=False, label_init=0.0, dropout=0.0):
     """One DP-SGD run of the head on cached features; returns (val acc, test acc, seconds).
 
     ``normalize``: L2-normalize each feature vector (a per-example map: no data statistics).
+    ``dropout``: on the features before the head (the trainer's head recipe uses 0).
     ``label_init``: if > 0, start the head at label_init × the normalized embedding of each
     label's name (public schema knowledge: a zero-shot prior that DP-SGD then refines).
     """
@@ -79,6 +80,7 @@ def train_head(model, feats, *, epsilon, batch_size, epochs, lr, seed=0, delta=1
     if label_init > 0:
         with torch.no_grad():
             model.classifier.weight.copy_(label_init * torch.nn.functional.normalize(feats["label_names"][0], dim=-1))
+    model.dropout.p = dropout
     head = feature_head(model)
     x, y = feats["train"]
     n = len(y)
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="256,512,1024,2048")
     parser.add_argument("--epochs", default="5,10,20")
     parser.add_argument("--lrs", default="0.02,0.05,0.1,0.2")
+    parser.add_argument("--dropouts", default="0", help="head dropout values to try")
     parser.add_argument("--variants", default="plain",
                         help="comma-separated: plain, norm (L2-normalized features), "
                         "labelinit:S (normalized features, head = S × label-name embeddings)")
@@ -138,22 +141,24 @@ def main(argv=None) -> int:
                              [float(e) for e in args.epsilons.split(",")],
                              [int(b) for b in args.batch_sizes.split(",")],
                              [float(e) for e in args.epochs.split(",")],
-                             [float(v) for v in args.lrs.split(",")])
-    for variant, eps, batch, epochs, lr in grid:
+                             [float(v) for v in args.lrs.split(",")],
+                             [float(v) for v in args.dropouts.split(",")])
+    for variant, eps, batch, epochs, lr, dropout in grid:
         if batch > len(feats["train"][1]):
             continue
         kind, _, scale = variant.partition(":")
         options = {"plain": {}, "norm": {"normalize": True},
                    "labelinit": {"normalize": True, "label_init": float(scale or 0)}}[kind]
         val, test, secs = train_head(model, feats, epsilon=eps, batch_size=batch, epochs=epochs,
-                                     lr=lr, **options)
+                                     lr=lr, dropout=dropout, **options)
         rows.append({"variant": variant, "epsilon": eps, "batch_size": batch, "epochs": epochs,
-                     "lr": lr, "validation_accuracy": val, "test_accuracy": test, "seconds": secs})
+                     "lr": lr, "head_dropout": dropout, "validation_accuracy": val, "test_accuracy": test, "seconds": secs})
         print(json.dumps(rows[-1]), flush=True)
     best = {}
-    for key in sorted({(r["variant"], r["epsilon"]) for r in rows}):
-        best[f"{key[0]} eps={key[1]:g}"] = max(
-            (r for r in rows if (r["variant"], r["epsilon"]) == key), key=lambda r: r["validation_accuracy"])
+    for key in sorted({(r["variant"], r["epsilon"], r["head_dropout"]) for r in rows}):
+        best[f"{key[0]} eps={key[1]:g} dropout={key[2]:g}"] = max(
+            (r for r in rows if (r["variant"], r["epsilon"], r["head_dropout"]) == key),
+            key=lambda r: r["validation_accuracy"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"data": args.data, "num_train": len(feats["train"][1]),
                                     "best_by_validation": best, "rows": rows}, indent=2) + "\n")

@@ -1,6 +1,8 @@
 """Head-only training on cached encoder features is the same mechanism as running the frozen
 encoder every step: same per-sample clipped sums, same ε; a trainable encoder is refused."""
 
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -117,3 +119,33 @@ def test_attack_signals_of_a_mean_pooling_classifier_match_the_full_model(encode
     full = signals_from_logits(logits.double().numpy(), np.asarray(labels))
     np.testing.assert_allclose(fast.loss, full.loss, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(fast.phi, full.phi, rtol=1e-9, atol=1e-12)
+
+
+def test_head_recipe_turns_feature_dropout_off_and_an_explicit_value_wins(encoder_dir, tmp_path):
+    """Dropout on cached features only adds noise under DP (-2 points at eps 1 on CLINC150): the
+    head recipe uses 0, records it, and the saved model carries it; an explicit value is kept."""
+    from dptrain import TrainConfig, train_run
+    from dptrain.trainer import recipe
+
+    base = TrainConfig(model=str(encoder_dir), data="synthetic", synthetic_per_intent=12,
+                       epochs=1, batch_size=32, lr=5e-2, dp_seed=0)
+    assert recipe(base, "head", 1000).head_dropout == 0.0
+    assert recipe(base, "all", 1000).head_dropout == 0.1
+    assert recipe(base, "all", 1000, mean_pooling=False).head_dropout is None
+    for given, expected in ((None, 0.0), (0.25, 0.25)):
+        out = tmp_path / f"run{given}"
+        train_run(dataclasses.replace(base, head_dropout=given), out, progress=False)
+        assert json.loads((out / "config.json").read_text())["config"]["head_dropout"] == expected
+        assert json.loads((out / "model" / "dptrain_classifier.json").read_text())["dropout"] == expected
+
+
+def test_head_dropout_is_refused_where_it_cannot_apply(tmp_path):
+    from dptrain import TrainConfig, train_run
+    from dptrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"head_dropout must be in \[0, 1\)"):
+        TrainConfig(head_dropout=1.0)
+    config = TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=4, head_dropout=0.2)
+    with pytest.raises(ConfigError, match="applies to mean-pooling models"):
+        train_run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
