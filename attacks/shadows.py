@@ -377,8 +377,9 @@ def ensure_shadows(
                     train=split, validation=target.data.validation, test=target.data.test,
                     label_names=target.data.label_names,
                     source=f"{target.data.source} (shadow {index}: half of the population)")
+                # reference models see the population only: never the target's secret canaries
                 config = dataclasses.replace(target.config, seed=shadow_seed(seed, index),
-                                             dp_seed=None)
+                                             dp_seed=None, secrets=None)
                 extra = {"shadow": {"index": index, "cache_key": key, "assignment_seed": seed,
                                     "population_fingerprint": target.population_fingerprint,
                                     "note": "validation/test are the target's splits and overlap "

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(audit, TrainConfig)
     audit.set_defaults(handler=_cmd_audit)
 
-    attack = sub.add_parser("attack", help="attack a trained run: membership inference",
+    attack = sub.add_parser("attack", help="attack a trained run: membership inference, "
+                            "secret extraction",
                             description="Attacks that measure what a trained run leaks.")
     attack_sub = attack.add_subparsers(dest="attack", required=True, parser_class=_Parser)
     mia = attack_sub.add_parser(
@@ -153,6 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the shadow assignment, the balancing and RMIA (default: 0)")
     mia.add_argument("--quiet", action="store_true", help="no progress bar")
     mia.set_defaults(handler=_cmd_attack_mia)
+    extract = attack_sub.add_parser(
+        "extract", help="white-box extraction of the secrets planted with train --secrets",
+        description="Rank and recover the secret canaries planted in a run (train --secrets): "
+        "exposure (Carlini et al. 2019) and extraction by enumeration and by the ModIvA "
+        "relaxation (Parikh et al. 2022), raw and, with --reference, calibrated. Writes "
+        "report.json and extraction.png (no secret token is written).")
+    extract.add_argument("--run", required=True, type=Path, help="finished run trained with --secrets")
+    extract.add_argument("--out", type=Path, default=None,
+                         help="directory for the report (default: RUN/extraction)")
+    extract.add_argument("--reference", type=Path, default=None,
+                         help="a run (or model directory) trained without the secrets, same "
+                         "tokenizer: calibrates every score by subtracting its own")
+    extract.add_argument("--methods", default="enumerate,relax",
+                         help="comma-separated: enumerate, relax (default: both)")
+    extract.add_argument("--max-enumerate", type=_integer, default=1_000_000, metavar="S",
+                         help="enumerate spaces up to S candidates exactly; estimate the rank of "
+                         "larger ones from --samples random candidates (default: 1000000)")
+    extract.add_argument("--samples", type=_integer, default=20_000,
+                         help="random candidates for a rank estimate (default: 20000)")
+    extract.add_argument("--restarts", type=_integer, default=4,
+                         help="relaxation restarts (default: 4)")
+    extract.add_argument("--steps", type=_integer, default=150,
+                         help="relaxation Adam steps per restart (default: 150)")
+    extract.add_argument("--seed", type=_integer, default=0, help="attack seed (default: 0)")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(handler=_cmd_attack_extract)
 
     # -v works after the sub-command too (dptrain train -v ...), from one shared definition.
     for command in (*sub.choices.values(), *attack_sub.choices.values()):
@@ -245,6 +272,20 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
     for line in report["summary"]:
         print(line)
     out = args.out if args.out is not None else args.run / "attacks"
+    print(f"report written to {out}")
+    return 0
+
+
+def _cmd_attack_extract(args: argparse.Namespace) -> int:
+    from attacks.extraction import run_extraction
+
+    report = run_extraction(
+        args.run, args.out, reference=args.reference, methods=args.methods.split(","),
+        max_enumerate=args.max_enumerate, samples=args.samples, restarts=args.restarts,
+        steps=args.steps, seed=args.seed, progress=not args.quiet)
+    for line in report["summary"]:
+        print(line)
+    out = args.out if args.out is not None else args.run / "extraction"
     print(f"report written to {out}")
     return 0
 

@@ -151,12 +151,18 @@ class MeanPoolingClassifier(nn.Module):
     def base_model(self) -> nn.Module:
         return self.encoder
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            device = (input_ids if input_ids is not None else inputs_embeds).device
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         logits = self.classifier(self.dropout(pooled))

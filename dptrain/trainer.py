@@ -81,6 +81,10 @@ class TrainConfig:
         "help": "dropout on the pooled features before the head of a mean-pooling model",
         "default_text": "0 for the head recipe, else 0.1"})
     max_length: int = field(default=64, metadata={"help": "truncate utterances to this many tokens"})
+    secrets: str | None = field(default=None, metadata={
+        "help": "plant secret canaries for 'dptrain attack extract': a JSON/YAML spec file or "
+                "inline key=value;... (e.g. 'repetitions=1,5,20,100;length=4'), see README",
+        "default_text": "none"})
     accountant: str = field(default="prv", metadata={"help": "privacy accountant: prv | rdp"})
     seed: int = field(default=0, metadata={"help": "seed of data splits, initialization, dropout"})
     dp_seed: int | None = field(default=None, metadata={
@@ -409,6 +413,8 @@ def train_run(
     elif data is None and config.data != "synthetic" and Path(config.data).exists():
         # the resolved path, so that --resume and attacks work from any working directory
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    if not resume and config.secrets is not None and Path(config.secrets).expanduser().is_file():
+        config = dataclasses.replace(config, secrets=str(Path(config.secrets).expanduser().resolve()))
 
     torch.manual_seed(config.seed)
     if data is None:
@@ -437,6 +443,15 @@ def train_run(
     config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier))
     n_trainable = set_trainable(model, config.trainable)
     set_head_dropout(model, config.head_dropout)
+    n_natural = len(data.train)
+    planted = None
+    if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that
+        from .secret_canaries import insert_secrets, parse_spec, plant_secrets, read_secrets
+
+        planted = read_secrets(out) if resume else plant_secrets(
+            parse_spec(config.secrets), data.label_names, tokenizer, config.max_length,
+            config.dp_seed)
+        data = insert_secrets(data, planted)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
     pad = tokenizer.pad_token_id
     n = len(data.train)
@@ -483,13 +498,17 @@ def train_run(
                       "total_parameters": sum(p.numel() for p in model.parameters())},
             **({"extra": extra_info} if extra_info else {}),
         })
-        ids = np.arange(n) if member_ids is None else np.asarray(member_ids)
+        ids = np.arange(n_natural) if member_ids is None else np.asarray(member_ids)
         rundir.write_json(out / rundir.MEMBERS, {
             "description": "identifiers of the examples in the training set (members); every one "
                            "of them could be sampled into any batch",
-            "data": data.source, "num_members": n, "member_ids": ids.tolist(),
+            "data": data.source, "num_members": n_natural, "member_ids": ids.tolist(),
             "train_fingerprint": train_print,
         })
+        if planted is not None:
+            from .secret_canaries import write_secrets
+
+            write_secrets(out, planted, config.secrets)
 
     curves: list[dict[str, Any]] = []
     done = 0

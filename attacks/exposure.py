@@ -1,0 +1,169 @@
+"""Exposure of a planted secret (Carlini et al. 2019, "The Secret Sharer"), for classifiers.
+
+The attacker knows a secret's prefix, its length n, the candidate set C and its label y, and
+scores every candidate c ∈ Cⁿ by the model's log-probability of y for the text "prefix c":
+s(c) = log p_θ(y | prefix c). The true secret's rank among all |C|ⁿ candidates (1 = the
+highest score) gives its exposure
+
+    exposure = log₂ |C|ⁿ − log₂ rank,
+
+from 0 (the model prefers every other candidate) to log₂ |C|ⁿ (it prefers the secret over all
+of them: 13.3 bits for a 4-digit PIN). A secret the model never saw has a uniformly random rank,
+and its expected exposure is about 1/ln 2 ≈ 1.44 bits whatever the space: that is chance level.
+
+The rank is exact when the whole space is enumerated (batched forward passes: 10⁴ candidates in
+seconds, 10⁶ in minutes on a CPU with MiniLM). Beyond that it is estimated from M uniform random
+candidates: with k of them scoring above the secret, rank ≈ 1 + (k/M)(|C|ⁿ − 1), with an exact
+Clopper–Pearson interval on k/M carried over to the rank (a plain sample-rank estimate rather
+than the paper's skew-normal extrapolation: it assumes nothing about the score distribution).
+
+Scores can also be *calibrated*: s(c) − s_ref(c) under a reference model trained without the
+secrets, which removes what any model of the data prefers ("1 2 3 4") and keeps what this
+model memorized.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dptrain.errors import ConfigError
+
+CHANCE_EXPOSURE = 1.0 / math.log(2.0)
+"""Expected exposure (bits) of a secret the model never saw, for large spaces."""
+
+
+class SecretScorer:
+    """s(c) = log p(label | prefix c) under one classifier, for batches of candidate tuples.
+
+    Candidates are placed directly as token ids (each is exactly one token after the prefix,
+    :func:`dptrain.secret_canaries.candidate_ids` checks it), so scoring needs no tokenizer
+    call per candidate. ``relaxed_log_prob`` is the same function on *mixtures* of candidate
+    embeddings, fed through ``inputs_embeds`` (what the ModIvA relaxation optimizes).
+    """
+
+    def __init__(self, model, tokenizer, prefix: str, candidates: Sequence[str], length: int,
+                 label_id: int):
+        from dptrain.secret_canaries import candidate_ids
+
+        if length < 1:
+            raise ConfigError(f"secret length must be >= 1, got {length}.")
+        prefix_ids, cand_ids = candidate_ids(tokenizer, prefix, candidates)
+        # The text with the first candidate everywhere, tokenized as training tokenized it
+        # (special tokens included); the secret occupies the n slots after the prefix.
+        filler = " ".join([str(candidates[0])] * length)
+        template = list(tokenizer(f"{prefix} {filler}")["input_ids"])
+        body = prefix_ids + [cand_ids[0]] * length
+        starts = [i for i in range(len(template) - len(body) + 1) if template[i:i + len(body)] == body]
+        if not starts:
+            raise ConfigError(f"the secret after {prefix!r} does not tokenize into the prefix's "
+                              "tokens followed by one token per candidate.")
+        first = starts[0] + len(prefix_ids)
+        self.positions = torch.arange(first, first + length)
+        self.template = torch.tensor(template)
+        self.candidate_ids = torch.tensor(cand_ids)
+        self.candidates, self.length, self.label_id = tuple(candidates), int(length), int(label_id)
+        num_labels = int(model.config.num_labels)
+        if not 0 <= self.label_id < num_labels:
+            raise ConfigError(f"label id {label_id} is outside the model's {num_labels} labels.")
+        self.model = model.eval()
+        for p in model.parameters():  # the attack optimizes inputs, never the weights
+            p.requires_grad_(False)
+        self._embedding = model.get_input_embeddings()
+
+    @property
+    def space_size(self) -> int:
+        return len(self.candidates) ** self.length
+
+    def ids(self, indices: np.ndarray) -> torch.Tensor:
+        """Token ids of the texts "prefix c" for candidate index tuples ``indices`` [M, n]."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64)).reshape(-1, self.length)
+        ids = self.template.repeat(len(idx), 1)
+        ids[:, self.positions] = self.candidate_ids[idx]
+        return ids
+
+    @torch.no_grad()
+    def score(self, indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """s(c) for each row of ``indices`` (candidate indices, [M, n]) as float64."""
+        ids = self.ids(indices)
+        out = np.empty(len(ids), dtype=np.float64)
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            logits = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits
+            out[start:start + len(chunk)] = torch.log_softmax(logits.double(), -1)[:, self.label_id].numpy()
+        return out
+
+    def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
+        """log p(label | prefix, w @ E_C) for mixing weights ``weights`` [R, n, |C|]: the secret
+        positions hold convex combinations of the candidates' input embeddings (differentiable)."""
+        table = self._embedding.weight
+        base = table[self.template].unsqueeze(0).expand(len(weights), -1, -1).clone()
+        base[:, self.positions] = weights.to(table.dtype) @ table[self.candidate_ids]
+        mask = torch.ones(base.shape[:2], dtype=torch.long)
+        logits = self.model(inputs_embeds=base, attention_mask=mask).logits
+        return torch.log_softmax(logits.double(), -1)[:, self.label_id]
+
+
+def flat_index(indices: np.ndarray, n_candidates: int) -> np.ndarray:
+    """Mixed-radix index of candidate tuples, the first token most significant (4,0,7,2 → 4072)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return np.ravel_multi_index(tuple(indices.reshape(-1, indices.shape[-1]).T),
+                                (n_candidates,) * indices.shape[-1])
+
+
+def unflatten(flat: np.ndarray, n_candidates: int, length: int) -> np.ndarray:
+    """The inverse of :func:`flat_index`: [M] → [M, length]."""
+    return np.stack(np.unravel_index(np.asarray(flat, dtype=np.int64), (n_candidates,) * length), -1)
+
+
+def enumerate_scores(scorer: SecretScorer, batch_size: int = 4096,
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """s(c) for every candidate of the space, in :func:`flat_index` order."""
+    size, c, n = scorer.space_size, len(scorer.candidates), scorer.length
+    out = np.empty(size, dtype=np.float64)
+    for start in range(0, size, batch_size):
+        flat = np.arange(start, min(size, start + batch_size))
+        out[flat] = scorer.score(unflatten(flat, c, n), batch_size=batch_size)
+        if progress is not None:
+            progress(len(flat))
+    return out
+
+
+def rank_of(scores: np.ndarray, true_flat: int) -> float:
+    """1 + #(candidates scoring above the secret) + ½ #(others tied with it): the mid-rank."""
+    scores = np.asarray(scores)
+    s = scores[true_flat]
+    return 1.0 + float(np.sum(scores > s)) + 0.5 * float(np.sum(scores == s) - 1)
+
+
+def exposure(space_size: int, rank: float) -> float:
+    """log₂ |space| − log₂ rank (bits)."""
+    return math.log2(space_size) - math.log2(rank)
+
+
+def sampled_rank(scorer: SecretScorer, true_indices: Sequence[int], samples: int, seed: int,
+                 confidence: float = 0.95, reference: SecretScorer | None = None) -> dict:
+    """The rank estimated from ``samples`` uniform random candidates, with an exact interval.
+
+    k of M samples score above the secret: rank ≈ 1 + (k/M)(S − 1), and the Clopper–Pearson
+    interval of k/M at ``confidence`` maps to [low, high] the same way.
+    """
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(seed)
+    c = len(scorer.candidates)
+    drawn = rng.integers(0, c, size=(samples, scorer.length))
+    true = np.asarray(true_indices, dtype=np.int64).reshape(1, -1)
+    s = scorer.score(drawn)
+    t = scorer.score(true)[0]
+    if reference is not None:
+        s, t = s - reference.score(drawn), t - reference.score(true)[0]
+    k = int(np.sum(s > t))
+    ci = binomtest(k, samples).proportion_ci(confidence_level=confidence, method="exact")
+    size = scorer.space_size
+    return {"rank": 1.0 + k / samples * (size - 1), "low": 1.0 + ci.low * (size - 1),
+            "high": 1.0 + ci.high * (size - 1), "samples": samples, "above": k,
+            "confidence": confidence}

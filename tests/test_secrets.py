@@ -1,0 +1,127 @@
+"""Secret canaries: the spec, its refusals (one line, exit 2, nothing written), where the
+secrets are stored, and the extract command end to end on a tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dptrain.cli import main
+from dptrain.errors import ConfigError
+from dptrain.secret_canaries import parse_spec
+
+
+def test_inline_and_file_specs_give_the_same_families(tmp_path):
+    inline = parse_spec("prefix=call me at;length=3;repetitions=2,7;per_repetition=2")
+    path = tmp_path / "spec.yaml"
+    path.write_text("secrets:\n  - prefix: call me at\n    length: 3\n    repetitions: [2, 7]\n"
+                    "    per_repetition: 2\n")
+    assert parse_spec(str(path)) == inline
+    (family,) = inline
+    assert family["candidates"] == tuple("0123456789") and family["label"] is None
+    words = tmp_path / "spec.json"
+    words.write_text(json.dumps({"candidates": ["red", "blue", "green"], "repetitions": 5}))
+    assert parse_spec(str(words))[0]["candidates"] == ("red", "blue", "green")
+    assert parse_spec(str(words))[0]["repetitions"] == [5]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("repetitions=0", "repetition count must be an integer >= 1"),
+    ("candidates=", "the candidate set is empty"),
+    ("candidates=a b,c", "each candidate must be one word"),
+    ("candidates=7", "at least 2 words"),
+    ("length=0", "length must be an integer >= 1"),
+    ("colour=red", "unknown keys colour"),
+    ("repetitions", "expected key=value"),
+    ("missing.yaml", "does not exist"),
+])
+def test_bad_specs_are_refused_in_one_line(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_spec(spec)
+
+
+def _train(tmp_path, capsys, secrets, **flags):
+    argv = ["train", "--model", "tiny", "--data", "synthetic", "--synthetic-per-intent", "4",
+            "--epochs", "1", "--quiet", "--out", str(tmp_path / "run"), "--secrets", secrets]
+    for key, value in flags.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("secrets, flags, message", [
+    ("label=no_such_intent", {}, "secret label 'no_such_intent' is not an intent"),
+    ("candidates=zqxv,0", {}, "'zqxv' is not one token"),
+    ("candidates=☃,0", {}, "'☃' is unknown to this tokenizer"),
+    ("prefix=my pin code is my pin code is;length=9", {"max_length": 12}, "more than max_length 12"),
+    ("repetitions=0", {}, "must be an integer >= 1"),
+])
+def test_train_refuses_bad_secrets_before_writing(tmp_path, capsys, secrets, flags, message):
+    code, err = _train(tmp_path, capsys, secrets, **flags)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_candidate_that_splits_into_several_tokens_is_refused():
+    from dptrain.models import load_model
+    from dptrain.secret_canaries import candidate_ids
+
+    _, tokenizer = load_model("tiny", 3, ["a", "b", "c"])
+    prefix_ids, ids = candidate_ids(tokenizer, "my pin code is", tuple("0123456789"))
+    assert len(ids) == 10 and len(set(ids)) == 10
+    with pytest.raises(ConfigError, match=r"'12' is not one token .* becomes \['1', '##2'\]"):
+        candidate_ids(tokenizer, "my pin code is", ("1", "12"))
+
+
+def test_secrets_are_stored_apart_and_extract_reports_without_them(tmp_path, capsys):
+    code, err = _train(tmp_path, capsys, "repetitions=3,6;length=2", dp_seed=5)
+    assert code == 0, err
+    run = tmp_path / "run"
+    planted = json.loads((run / "private" / "secrets.json").read_text())["secrets"]
+    assert [s["repetitions"] for s in planted] == [3, 6]
+    texts = [" ".join([s["prefix"], *s["tokens"]]) for s in planted]
+    config = json.loads((run / "config.json").read_text())
+    members = json.loads((run / "private" / "members.json").read_text())
+    natural = members["num_members"]
+    assert config["data"]["sizes"]["train"] == natural + 9  # 3 + 6 copies were trained on
+    assert members["member_ids"] == list(range(natural))  # members lists natural examples only
+    for path in [run / "config.json", run / "metrics.json", *sorted((run / "model").rglob("*"))]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(t.encode() in data for t in texts), path
+
+    # the same dp_seed draws the same secrets
+    code, err = main(["train", "--model", "tiny", "--data", "synthetic", "--synthetic-per-intent",
+                      "4", "--epochs", "1", "--quiet", "--out", str(tmp_path / "again"),
+                      "--secrets", "repetitions=3,6;length=2", "--dp-seed", "5"]), None
+    assert json.loads((tmp_path / "again" / "private" / "secrets.json").read_text())["secrets"] == planted
+
+    capsys.readouterr()
+    assert main(["attack", "extract", "--run", str(run), "--quiet", "--steps", "5",
+                 "--restarts", "1", "--reference", str(tmp_path / "again")]) == 2
+    assert "trained with secrets of its own" in capsys.readouterr().err
+    assert main(["attack", "extract", "--run", str(run), "--quiet", "--steps", "5",
+                 "--restarts", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "R=3 raw: exposure" in out and "R=6 raw: exposure" in out
+    report = json.loads((run / "extraction" / "report.json").read_text())
+    assert (run / "extraction" / "extraction.png").stat().st_size > 10_000
+    for row in report["secrets"]:
+        assert row["space_size"] == 100 and row["raw"]["rank"]["exact"]
+        assert 0 <= row["raw"]["exposure"] <= np.log2(100) + 1e-9
+    raw_report = (run / "extraction" / "report.json").read_bytes()
+    assert not any(t.encode() in raw_report for t in texts)
+
+
+def test_extract_refuses_a_run_without_secrets_and_bad_options(tmp_path, capsys):
+    run = tmp_path / "plain"
+    assert main(["train", "--model", "tiny", "--data", "synthetic", "--synthetic-per-intent", "4",
+                 "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["attack", "extract", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "trained without secrets" in err and err.count("\n") == 1
+    assert not (run / "extraction").exists()
+    assert main(["attack", "extract", "--run", str(run), "--methods", "guess"]) == 2
+    assert "methods must be a comma-separated subset" in capsys.readouterr().err
