@@ -32,6 +32,9 @@ import torch
 
 from dptrain.errors import ConfigError
 
+_POOLED: dict[tuple, torch.Tensor] = {}  # (encoder sha256, token ids) → pooled state
+_POOLED_MAX = 200_000  # ~300 MB of 384-d states
+
 CHANCE_EXPOSURE = 1.0 / math.log(2.0)
 """Expected exposure (bits) of a secret the model never saw, for large spaces."""
 
@@ -73,6 +76,10 @@ class SecretScorer:
         for p in model.parameters():  # the attack optimizes inputs, never the weights
             p.requires_grad_(False)
         self._embedding = model.get_input_embeddings()
+        from dptrain.models import MeanPoolingClassifier, weights_sha256
+
+        self._encoder_key = (weights_sha256(model.encoder) if isinstance(model, MeanPoolingClassifier)
+                             else None)
 
     @property
     def space_size(self) -> int:
@@ -92,9 +99,29 @@ class SecretScorer:
         out = np.empty(len(ids), dtype=np.float64)
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
-            logits = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits
+            if self._encoder_key is not None:  # a mean-pooling classifier: encoder, then head
+                logits = self.model.classifier(self._pooled(chunk))
+            else:
+                logits = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits
             out[start:start + len(chunk)] = torch.log_softmax(logits.double(), -1)[:, self.label_id].numpy()
         return out
+
+    def _pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder states of full-length candidate texts, remembered per encoder
+        (by the sha256 of its weights): the head-only models of a sweep and their reference
+        share one frozen encoder, so a space is encoded once, not once per model and secret."""
+        keys = [(self._encoder_key, row) for row in map(tuple, ids.tolist())]
+        missing = [i for i, k in enumerate(keys) if k not in _POOLED]
+        if missing:
+            sub = ids[missing]
+            states = self.model.encoder(input_ids=sub, attention_mask=torch.ones_like(sub)).last_hidden_state
+            for i, row in zip(missing, states.mean(dim=1)):
+                _POOLED[keys[i]] = row
+        if len(_POOLED) > _POOLED_MAX:  # bounded memory: forget all but this batch
+            kept = {k: _POOLED[k] for k in keys}
+            _POOLED.clear()
+            _POOLED.update(kept)
+        return torch.stack([_POOLED[k] for k in keys])
 
     def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
         """log p(label | prefix, w @ E_C) for mixing weights ``weights`` [R, n, |C|]: the secret
@@ -108,10 +135,12 @@ class SecretScorer:
 
 
 def flat_index(indices: np.ndarray, n_candidates: int) -> np.ndarray:
-    """Mixed-radix index of candidate tuples, the first token most significant (4,0,7,2 → 4072)."""
+    """Mixed-radix index of candidate tuples, the first token most significant (4,0,7,2 → 4072):
+    an int for one tuple, an [M] array for [M, n]."""
     indices = np.asarray(indices, dtype=np.int64)
-    return np.ravel_multi_index(tuple(indices.reshape(-1, indices.shape[-1]).T),
+    flat = np.ravel_multi_index(tuple(indices.reshape(-1, indices.shape[-1]).T),
                                 (n_candidates,) * indices.shape[-1])
+    return int(flat[0]) if indices.ndim == 1 else flat
 
 
 def unflatten(flat: np.ndarray, n_candidates: int, length: int) -> np.ndarray:

@@ -135,8 +135,8 @@ def attack_secret(scorer: SecretScorer, reference: SecretScorer | None, truth: S
         entry: dict[str, Any] = {}
         if kind in table:
             scores = table[kind]
-            rank = rank_of(scores, int(flat_index(truth, c)[0]))
-            control_rank = rank_of(scores, int(flat_index(control, c)[0]))
+            rank = rank_of(scores, flat_index(truth, c))
+            control_rank = rank_of(scores, flat_index(control, c))
             entry["rank"] = {"rank": rank, "exact": True}
             entry["enumeration"] = _match(unflatten(np.argmax(scores), c, n)[0], truth)
         else:
@@ -154,7 +154,7 @@ def attack_secret(scorer: SecretScorer, reference: SecretScorer | None, truth: S
             entry["relaxation"] = {**_match(guess, truth), "seconds": time.monotonic() - started}
             if kind in table:  # does the search find what enumeration finds?
                 entry["relaxation"]["agrees_with_enumeration"] = bool(
-                    flat_index(np.asarray(guess), c)[0] == int(np.argmax(table[kind])))
+                    flat_index(np.asarray(guess), c) == int(np.argmax(table[kind])))
         result[kind] = entry
     return result
 

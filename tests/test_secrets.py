@@ -125,3 +125,32 @@ def test_extract_refuses_a_run_without_secrets_and_bad_options(tmp_path, capsys)
     assert not (run / "extraction").exists()
     assert main(["attack", "extract", "--run", str(run), "--methods", "guess"]) == 2
     assert "methods must be a comma-separated subset" in capsys.readouterr().err
+
+
+def test_mean_pooling_scores_share_the_frozen_encoder_and_match_the_full_forward(encoder_dir):
+    """The scorer's shortcut for mean-pooling classifiers (encode once per frozen encoder, apply
+    each head) gives the full model's log-probabilities, for two heads on one encoder."""
+    import torch
+
+    from attacks import exposure
+    from dptrain.models import load_model
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(0)
+    first, tokenizer = load_model(str(encoder_dir), 4, ["a", "b", "c", "d"])
+    second, _ = load_model(str(encoder_dir), 4, ["a", "b", "c", "d"])
+    torch.nn.init.normal_(second.classifier.weight)
+    exposure._POOLED.clear()
+    picks = rng.integers(0, 10, (16, 3))
+    for model in (first, second):
+        scorer = exposure.SecretScorer(model, tokenizer, "my pin code is", tuple("0123456789"), 3, 2)
+        fast = scorer.score(picks)
+        with torch.no_grad():
+            texts = ["my pin code is " + " ".join(str(d) for d in row) for row in picks]
+            enc = tokenizer(texts, return_tensors="pt")
+            slow = torch.log_softmax(model(**enc).logits.double(), -1)[:, 2].numpy()
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
+        one_hot = torch.nn.functional.one_hot(torch.as_tensor(picks), 10).double()
+        relaxed = scorer.relaxed_log_prob(one_hot).detach().numpy()
+        np.testing.assert_allclose(relaxed, slow, rtol=0, atol=1e-5)
+    assert len(exposure._POOLED) == len({tuple(r) for r in picks.tolist()})  # encoded once for both
