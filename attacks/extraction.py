@@ -39,6 +39,7 @@ from dptrain.errors import ConfigError
 COMMAND = "dptrain attack extract"
 REPORT, FIGURE = "report.json", "extraction.png"
 METHODS = ("enumerate", "relax")
+GUESSES = (1, 3, 10, 100)
 
 
 def _objective(scorer: SecretScorer, reference: SecretScorer | None, weights: torch.Tensor):
@@ -106,6 +107,8 @@ def relaxation_attack(scorer: SecretScorer, reference: SecretScorer | None = Non
 
 def _match(guess: Sequence[int], truth: Sequence[int]) -> dict[str, Any]:
     guess, truth = np.asarray(guess), np.asarray(truth)
+    if guess.shape != truth.shape:
+        raise ValueError(f"a guess of shape {guess.shape} for a secret of shape {truth.shape}")
     return {"exact_match": bool(np.array_equal(guess, truth)),
             "token_accuracy": float(np.mean(guess == truth))}
 
@@ -138,7 +141,7 @@ def attack_secret(scorer: SecretScorer, reference: SecretScorer | None, truth: S
             rank = rank_of(scores, flat_index(truth, c))
             control_rank = rank_of(scores, flat_index(control, c))
             entry["rank"] = {"rank": rank, "exact": True}
-            entry["enumeration"] = _match(unflatten(np.argmax(scores), c, n)[0], truth)
+            entry["enumeration"] = _match(unflatten(np.array([np.argmax(scores)]), c, n)[0], truth)
         else:
             found = sampled_rank(scorer, truth, samples, seed, reference=ref)
             ctrl = sampled_rank(scorer, control, samples, seed + 1, reference=ref)
@@ -169,9 +172,13 @@ def summarize(secrets: list[dict[str, Any]]) -> dict[str, Any]:
             entries = [s[kind] for s in group if kind in s]
             if not entries:
                 continue
+            ranks = np.array([e["rank"]["rank"] for e in entries])
             stats: dict[str, Any] = {
                 "mean_exposure": float(np.mean([e["exposure"] for e in entries])),
                 "mean_control_exposure": float(np.mean([e["control_exposure"] for e in entries])),
+                "median_rank": float(np.median(ranks)),
+                # an attacker allowed k guesses (a card allows 3 PIN tries) succeeds iff rank <= k
+                "within_guesses": {str(k): float(np.mean(ranks <= k)) for k in GUESSES},
             }
             for method in ("enumeration", "relaxation"):
                 found = [e[method] for e in entries if method in e]
@@ -303,7 +310,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 continue
             s = row[kind]
             parts = [f"R={r} {kind}: exposure {s['mean_exposure']:.2f} bits "
-                     f"(control {s['mean_control_exposure']:.2f})"]
+                     f"(control {s['mean_control_exposure']:.2f}), median rank "
+                     f"{s['median_rank']:.0f}, within 10 guesses {s['within_guesses']['10']:.0%}"]
             for method in ("enumeration", "relaxation"):
                 if method in s:
                     parts.append(f"{method} recovers {s[method]['exact_match_rate']:.0%} "

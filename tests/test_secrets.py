@@ -154,3 +154,27 @@ def test_mean_pooling_scores_share_the_frozen_encoder_and_match_the_full_forward
         relaxed = scorer.relaxed_log_prob(one_hot).detach().numpy()
         np.testing.assert_allclose(relaxed, slow, rtol=0, atol=1e-5)
     assert len(exposure._POOLED) == len({tuple(r) for r in picks.tolist()})  # encoded once for both
+
+
+@pytest.mark.slow
+def test_a_secret_repeated_100_times_is_memorized_and_ranked_near_the_top(tmp_path):
+    """Non-private tiny model, four 3-digit secrets (1,000 candidates) each trained 100 times:
+    every one ranks in the top 3% (exposure >= 5 of 9.97 bits; measured 6.5-9.0), half of them
+    within 10 guesses (measured ranks 2-11), while never-trained controls stay near chance
+    (1/ln 2 = 1.44 bits). Exact recovery of the whole string is rarer: a classifier learns which
+    digits point at the label more than their order (README, "Secrets")."""
+    from attacks.extraction import run_extraction
+    from dptrain import TrainConfig, train_run
+
+    run = tmp_path / "run"
+    summary = train_run(TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=30,
+                                    epsilon=float("inf"), epochs=20, lr=3e-3, batch_size=64,
+                                    secrets="repetitions=100;per_repetition=4;length=3", dp_seed=1),
+                        run, progress=False)
+    assert summary.metrics["accuracy"] > 0.8  # it learned the intents too, not only the secrets
+    report = run_extraction(run, methods=["enumerate"], progress=False)
+    exposures = [s["raw"]["exposure"] for s in report["secrets"]]
+    assert min(exposures) >= 5.0, exposures
+    stats = report["by_repetitions"]["100"]["raw"]
+    assert stats["within_guesses"]["10"] >= 0.5 and stats["median_rank"] <= 10
+    assert stats["mean_control_exposure"] < 3.0
