@@ -77,6 +77,10 @@ class TrainConfig:
     pooling: str = field(default="auto", metadata={
         "help": "sentence representation: cls (the model's own head) | mean (of token states) | "
                 "auto (mean for sentence-transformers checkpoints such as minilm, else cls)"})
+    dropout: float | None = field(default=None, metadata={
+        "help": "dropout probability of every dropout layer inside the encoder (hidden states "
+                "and attention); a defence to measure against memorization",
+        "default_text": "the checkpoint's own (0.1 for minilm)"})
     head_dropout: float | None = field(default=None, metadata={
         "help": "dropout on the pooled features before the head of a mean-pooling model",
         "default_text": "0 for the head recipe, else 0.1"})
@@ -107,9 +111,10 @@ class TrainConfig:
             if getattr(self, name) is not None:  # None: chosen by recipe() once N and the model are known
                 _positive(name, getattr(self, name), kind)
         _positive("physical_batch_size", self.physical_batch_size, int)
-        hd = self.head_dropout
-        if hd is not None and (isinstance(hd, bool) or not isinstance(hd, (int, float)) or not 0 <= hd < 1):
-            raise ConfigError(f"head_dropout must be in [0, 1), got {hd!r}.")
+        for name in ("dropout", "head_dropout"):
+            p = getattr(self, name)
+            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
+                raise ConfigError(f"{name} must be in [0, 1), got {p!r}.")
         _positive("max_length", self.max_length, int)
         _positive("synthetic_per_intent", self.synthetic_per_intent, int)
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -186,6 +191,16 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
 
 
 HEAD_BATCH, HEAD_EPOCHS, HEAD_LR = 2048, 40.0, 3e-2
+
+
+def set_encoder_dropout(model, p: float) -> None:
+    """Set every dropout layer of the encoder (``base_model``), attention dropout included: HF
+    attention reads its probability from the module at each call."""
+    from torch import nn
+
+    for module in model.base_model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = float(p)
 
 
 def set_head_dropout(model, p: float | None) -> None:
@@ -443,6 +458,8 @@ def train_run(
     config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier))
     n_trainable = set_trainable(model, config.trainable)
     set_head_dropout(model, config.head_dropout)
+    if config.dropout is not None:
+        set_encoder_dropout(model, config.dropout)
     n_natural = len(data.train)
     planted = None
     if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that

@@ -149,3 +149,23 @@ def test_head_dropout_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="applies to mean-pooling models"):
         train_run(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_encoder_dropout_reaches_every_dropout_layer_and_switches_it_off(encoder_dir):
+    """--dropout P sets the hidden and attention dropout of the encoder (the defence measured
+    against memorization); with P = 0 a train-mode forward is deterministic."""
+    from dptrain.trainer import set_encoder_dropout
+
+    model, tokenizer = load_model(str(encoder_dir), 3, ["a", "b", "c"])
+    set_encoder_dropout(model, 0.3)
+    layers = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(layers) >= 5 and all(m.p == 0.3 for m in layers)
+    assert model.dropout.p == 0.1  # the head's own is --head-dropout
+    enc = tokenizer(["my pin code is 4 0 7 2", "book a flight"], return_tensors="pt", padding=True)
+    model.train()
+    torch.manual_seed(0)
+    a = model(**enc).logits
+    assert not torch.equal(a, model(**enc).logits)
+    set_encoder_dropout(model, 0.0)
+    model.dropout.p = 0.0
+    assert torch.equal(model(**enc).logits, model(**enc).logits)
