@@ -178,3 +178,31 @@ def test_a_secret_repeated_100_times_is_memorized_and_ranked_near_the_top(tmp_pa
     stats = report["by_repetitions"]["100"]["raw"]
     assert stats["within_guesses"]["10"] >= 0.5 and stats["median_rank"] <= 10
     assert stats["mean_control_exposure"] < 3.0
+
+
+def test_a_resumed_run_trains_on_the_secrets_it_planted_never_new_ones(tmp_path, monkeypatch):
+    """Secrets come from OS entropy: a resume must read them back, not draw others."""
+    from dptrain import TrainConfig, train_run
+
+    class Crash(Exception):
+        pass
+
+    def crash(done):
+        if done == 6:
+            raise Crash
+
+    config = TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=12, epochs=2,
+                         batch_size=32, epsilon=2.0, delta=1e-4, checkpoint_every=4,
+                         secrets="repetitions=2,3;length=2")
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train_run(config, run, progress=False, on_step=crash)
+    planted = (run / "private" / "secrets.json").read_bytes()
+
+    def no_new_secrets(*args, **kwargs):
+        raise AssertionError("a resume drew new secrets")
+
+    monkeypatch.setattr("dptrain.secret_canaries.plant_secrets", no_new_secrets)
+    resumed = train_run(config, run, resume=True, progress=False)
+    assert (run / "private" / "secrets.json").read_bytes() == planted
+    assert resumed.privacy["epsilon"] <= 2.0
