@@ -67,7 +67,7 @@ CACHE_FILE = "cache.json"
 
 RECIPE_FIELDS = (
     "model", "epsilon", "delta", "epochs", "batch_size", "lr", "weight_decay", "max_grad_norm",
-    "trainable", "pooling", "dropout", "head_dropout", "max_length", "accountant",
+    "trainable", "pooling", "dropout", "head_dropout", "early_stopping", "max_length", "accountant",
 )
 """The TrainConfig fields that define how a shadow model is trained (and so enter the cache key)."""
 

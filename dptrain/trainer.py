@@ -98,6 +98,11 @@ class TrainConfig:
     label_column: str = field(default="label", metadata={"help": "label column of CSV/TSV/JSONL/HF data"})
     synthetic_per_intent: int = field(default=120, metadata={
         "help": "utterances per intent of --data synthetic"})
+    early_stopping: int = field(default=0, metadata={
+        "help": "stop when the validation loss has not improved for K evaluations (about 10 "
+                "per run); the last model is kept. The stopping time depends on the validation "
+                "split, which DP does not cover: 0 (off) unless it is public or expendable",
+        "default_text": "0: off"})
     checkpoint_every: int = field(default=0, metadata={
         "help": "logical steps between checkpoints", "default_text": "0: once per epoch"})
 
@@ -125,6 +130,9 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
                 raise ConfigError(f"{name} must be an integer in [0, 2^32), got {value!r}.")
+        if isinstance(self.early_stopping, bool) or not isinstance(self.early_stopping, int) \
+                or self.early_stopping < 0:
+            raise ConfigError(f"early_stopping must be an integer >= 0, got {self.early_stopping!r}.")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         if self.pooling not in ("auto", "cls", "mean"):
@@ -544,6 +552,7 @@ def train_run(
     physical = config.physical_batch_size if batches.features is None else max(config.physical_batch_size, 4096)
     every = max(1, math.ceil(config.epochs / 10))  # epochs between evaluations
     loss_sum, loss_n = 0.0, 0
+    stopped_early = False
     net.train()
     for indices in sampler:
         for chunk in physical_batches(indices, physical, enc["train"].lengths):
@@ -571,6 +580,10 @@ def train_run(
                 "epsilon": dp.epsilon() if dp is not None else float("inf"),
             })
             loss_sum, loss_n = 0.0, 0
+            if stalled(curves, config.early_stopping):
+                log.warning("early stopping after step %d: the validation loss has not improved "
+                            "for %d evaluations", done, config.early_stopping)
+                stopped_early = True
         if bar is not None:
             bar.update(1)
             post = {"loss": f"{curves[-1]['train_loss']:.3f}" if curves else "…"}
@@ -589,6 +602,8 @@ def train_run(
                             seconds=elapsed)
         if on_step is not None:
             on_step(done)
+        if stopped_early:
+            break
     if bar is not None:
         bar.close()
 
@@ -610,6 +625,16 @@ def train_run(
     privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
     _write_final(out, model, tokenizer, privacy, metrics, curves, config)
     return RunSummary(out, config, privacy, metrics, seconds)
+
+
+def stalled(curves: list[dict[str, Any]], patience: int) -> bool:
+    """True when the last ``patience`` evaluations all failed to beat the best validation loss
+    before them (``patience`` 0: never). Computed from the curves alone, so a resumed run
+    decides exactly as an uninterrupted one."""
+    if patience <= 0 or len(curves) <= patience:
+        return False
+    best_before = min(c["val_loss"] for c in curves[:-patience])
+    return min(c["val_loss"] for c in curves[-patience:]) >= best_before
 
 
 def check_max_length(model, tokenizer, max_length: int) -> None:

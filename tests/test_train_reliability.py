@@ -267,3 +267,42 @@ def test_seeded_run_resumes_under_another_thread_count(tmp_path):
     assert result.returncode == 0, result.stderr
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == privacy["planned_steps"]
+
+
+def test_stalled_needs_patience_evaluations_without_a_new_best():
+    from dptrain.trainer import stalled
+
+    curve = lambda *losses: [{"val_loss": v} for v in losses]  # noqa: E731
+    assert not stalled(curve(3, 2, 2.5), 0)
+    assert stalled(curve(3, 2, 2.5), 1) and not stalled(curve(3, 2, 1.9), 1)
+    assert not stalled(curve(3, 2, 2.5), 2)  # 3 is beaten by 2 inside the window
+    assert stalled(curve(1, 2, 2.5), 2)
+    assert not stalled(curve(1, 2), 2)  # fewer evaluations than patience + 1
+
+
+def test_early_stopping_ends_the_run_and_records_the_steps_it_took(tmp_path, monkeypatch):
+    """A validation loss that only rises stops a DP run after patience + 1 evaluations; ε is
+    what those steps spent (less than the target), and the plan is recorded beside it."""
+    import dptrain.trainer as trainer
+    from dptrain import TrainConfig, train_run
+
+    real = trainer.evaluate
+    calls = []
+
+    def rising(net, batches, split, **kw):
+        result = real(net, batches, split, **kw)
+        if split == "validation":
+            calls.append(1)
+            result["loss"] = float(len(calls))
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", rising)
+    config = TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=12, epochs=10,
+                         batch_size=32, epsilon=4.0, delta=1e-4, early_stopping=2, dp_seed=0)
+    summary = train_run(config, tmp_path / "run", progress=False)
+    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
+    assert len(curves) == 3  # one evaluation per epoch: the loss rose twice after the first
+    privacy = summary.privacy
+    assert curves[-1]["step"] == privacy["steps"] < privacy["planned_steps"]
+    assert 3.0 <= curves[-1]["epoch"] < 3.0 + privacy["sample_rate"] + 1e-9
+    assert privacy["epsilon"] == pytest.approx(curves[-1]["epsilon"]) and privacy["epsilon"] < 4.0
