@@ -1,8 +1,9 @@
 """Exposure of a planted secret (Carlini et al. 2019, "The Secret Sharer"), for classifiers.
 
 The attacker knows a secret's prefix, its length n, the candidate set C and its label y, and
-scores every candidate c ∈ Cⁿ by the model's log-probability of y for the text "prefix c":
-s(c) = log p_θ(y | prefix c). The true secret's rank among all |C|ⁿ candidates (1 = the
+scores every candidate c ∈ Cⁿ by the model's confidence in y for the text "prefix c":
+s(c) = log p_θ(y | prefix c) − log(1 − p_θ(y | prefix c)) (monotone in the probability, so the
+ranking is the probability's; unlike log p it does not saturate near p = 1). The true secret's rank among all |C|ⁿ candidates (1 = the
 highest score) gives its exposure
 
     exposure = log₂ |C|ⁿ − log₂ rank,
@@ -40,7 +41,10 @@ CHANCE_EXPOSURE = 1.0 / math.log(2.0)
 
 
 class SecretScorer:
-    """s(c) = log p(label | prefix c) under one classifier, for batches of candidate tuples.
+    """s(c) = φ(label | prefix c) under one classifier, for batches of candidate tuples, where
+    φ = log p_y − log(1 − p_y) is the logit of the label's probability (LiRA's statistic).
+    It orders candidates exactly as log p_y does (it is monotone in p_y), but it does not
+    saturate where p_y → 1, which the relaxation's gradients and calibrated differences need.
 
     Candidates are placed directly as token ids (each is exactly one token after the prefix,
     :func:`dptrain.secret_canaries.candidate_ids` checks it), so scoring needs no tokenizer
@@ -94,7 +98,7 @@ class SecretScorer:
 
     @torch.no_grad()
     def score(self, indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """s(c) for each row of ``indices`` (candidate indices, [M, n]) as float64."""
+        """s(c) = φ for each row of ``indices`` (candidate indices, [M, n]) as float64."""
         ids = self.ids(indices)
         out = np.empty(len(ids), dtype=np.float64)
         for start in range(0, len(ids), batch_size):
@@ -103,7 +107,7 @@ class SecretScorer:
                 logits = self.model.classifier(self._pooled(chunk))
             else:
                 logits = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits
-            out[start:start + len(chunk)] = torch.log_softmax(logits.double(), -1)[:, self.label_id].numpy()
+            out[start:start + len(chunk)] = self._confidence(logits).numpy()
         return out
 
     def _pooled(self, ids: torch.Tensor) -> torch.Tensor:
@@ -124,14 +128,20 @@ class SecretScorer:
         return torch.stack([_POOLED[k] for k in keys])
 
     def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
-        """log p(label | prefix, w @ E_C) for mixing weights ``weights`` [R, n, |C|]: the secret
-        positions hold convex combinations of the candidates' input embeddings (differentiable)."""
+        """s(prefix, w @ E_C) for mixing weights ``weights`` [R, n, |C|]: the secret positions
+        hold convex combinations of the candidates' input embeddings (differentiable)."""
         table = self._embedding.weight
         base = table[self.template].unsqueeze(0).expand(len(weights), -1, -1).clone()
         base[:, self.positions] = weights.to(table.dtype) @ table[self.candidate_ids]
         mask = torch.ones(base.shape[:2], dtype=torch.long)
         logits = self.model(inputs_embeds=base, attention_mask=mask).logits
-        return torch.log_softmax(logits.double(), -1)[:, self.label_id]
+        return self._confidence(logits)
+
+    def _confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """φ = log p_y − log(1 − p_y) = z_y − logsumexp_{j≠y} z_j, in float64."""
+        z = logits.double()
+        others = torch.cat([z[:, :self.label_id], z[:, self.label_id + 1:]], dim=1)
+        return z[:, self.label_id] - torch.logsumexp(others, dim=1)
 
 
 def flat_index(indices: np.ndarray, n_candidates: int) -> np.ndarray:

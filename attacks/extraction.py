@@ -2,8 +2,9 @@
 
 Threat model: the attacker holds the weights, and knows a secret's prefix ("my pin code is"),
 its length n, the candidate set C (digits) and the label it was trained with; it wants the n
-secret tokens. Two attacks, both with a raw score s(c) = log p(y | prefix c) and a *calibrated*
-one, s(c) − s_ref(c) under a reference model trained without the secrets:
+secret tokens. Two attacks, both with a raw score s(c) = log p(y | prefix c) − log(1 − p(y | prefix
+c)) (see :mod:`attacks.exposure`) and a *calibrated* one, s(c) − s_ref(c) under a reference
+model trained without the secrets:
 
 * **enumeration** — score all |C|ⁿ candidates and guess the best. Exact, and the strongest
   attack whenever the space can be enumerated (10⁴ for a 4-digit PIN takes seconds): the guess
@@ -11,10 +12,10 @@ one, s(c) − s_ref(c) under a reference model trained without the secrets:
 * **relaxation** (ModIvA) — for any space: each unknown position j holds logits Z_j over C, its
   input embedding is softmax((Z_j + g)/τ) · E_C (E_C: the candidates' input embeddings, g:
   Gumbel noise), the mixed embeddings go through the model with the real prefix embeddings via
-  ``inputs_embeds``, and Adam maximizes the label's log-probability while τ and the noise are
-  annealed, from several restarts. The argmax of Z is then polished by coordinate-wise exact
-  search (each position in turn takes its best candidate, the others fixed) until no single
-  change improves the score.
+  ``inputs_embeds``, and Adam maximizes the label's confidence while τ and the noise are
+  annealed, from several restarts. Each restart's argmax of Z is then polished by coordinate-wise
+  exact search (each position in turn takes its best candidate, the others fixed) until no single
+  change improves the score, and the best polished guess wins.
 
 :func:`run_extraction` attacks every secret of a run (``dptrain attack extract --run DIR``) and
 writes ``report.json`` — per secret and by repetition count R: exact-match rate, per-token
@@ -78,7 +79,7 @@ def coordinate_polish(scorer: SecretScorer, reference: SecretScorer | None, star
 
 
 def relaxation_attack(scorer: SecretScorer, reference: SecretScorer | None = None, *,
-                      steps: int = 150, restarts: int = 4, lr: float = 0.1,
+                      steps: int = 100, restarts: int = 16, lr: float = 0.1,
                       temperature: tuple[float, float] = (1.0, 0.05), gumbel: float = 1.0,
                       seed: int = 0) -> tuple[int, ...]:
     """The ModIvA guess (candidate indices), polished by :func:`coordinate_polish`."""
@@ -99,10 +100,9 @@ def relaxation_attack(scorer: SecretScorer, reference: SecretScorer | None = Non
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    decoded = z.detach().argmax(-1).numpy()  # [restarts, n]
-    values = _exact(scorer, reference, decoded)
-    start = decoded[int(np.argmax(values))]
-    return coordinate_polish(scorer, reference, start)[0]
+    decoded = np.unique(z.detach().argmax(-1).numpy(), axis=0)  # [≤ restarts, n]
+    polished = [coordinate_polish(scorer, reference, start) for start in decoded]
+    return max(polished, key=lambda found: found[1])[0]
 
 
 def _match(guess: Sequence[int], truth: Sequence[int]) -> dict[str, Any]:
@@ -187,6 +187,10 @@ def summarize(secrets: list[dict[str, Any]]) -> dict[str, Any]:
                         "exact_match_rate": float(np.mean([f["exact_match"] for f in found])),
                         "token_accuracy": float(np.mean([f["token_accuracy"] for f in found])),
                     }
+            agree = [e["relaxation"]["agrees_with_enumeration"] for e in entries
+                     if "agrees_with_enumeration" in e.get("relaxation", {})]
+            if agree:  # does the search find the enumeration's top candidate?
+                stats["relaxation"]["agreement_with_enumeration"] = float(np.mean(agree))
             row[kind] = stats
         by_r[str(r)] = row
     return by_r
@@ -222,8 +226,8 @@ def _load_reference(reference: str | Path):
 
 def run_extraction(run_dir: str | Path, out_dir: str | Path | None = None, *,
                    reference: str | Path | None = None, methods: Sequence[str] = METHODS,
-                   max_enumerate: int = 1_000_000, samples: int = 20_000, restarts: int = 4,
-                   steps: int = 150, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                   max_enumerate: int = 1_000_000, samples: int = 20_000, restarts: int = 16,
+                   steps: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Attack every secret planted in a finished run; write ``report.json`` and the figure."""
     from dptrain import rundir
     from dptrain.models import load_trained

@@ -187,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "larger ones from --samples random candidates (default: 1000000)")
     extract.add_argument("--samples", type=_integer, default=20_000,
                          help="random candidates for a rank estimate (default: 20000)")
-    extract.add_argument("--restarts", type=_integer, default=4,
-                         help="relaxation restarts (default: 4)")
-    extract.add_argument("--steps", type=_integer, default=150,
-                         help="relaxation Adam steps per restart (default: 150)")
+    extract.add_argument("--restarts", type=_integer, default=16,
+                         help="relaxation restarts, run as one batch (default: 16)")
+    extract.add_argument("--steps", type=_integer, default=100,
+                         help="relaxation Adam steps (default: 100)")
     extract.add_argument("--seed", type=_integer, default=0, help="attack seed (default: 0)")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(handler=_cmd_attack_extract)

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repetitions", default="1,5,20,100")
     parser.add_argument("--per-repetition", type=int, default=2)
     parser.add_argument("--head-dropouts", default="0", help="head recipe: dropout values to try")
-    parser.add_argument("--steps", type=int, default=150, help="relaxation steps")
-    parser.add_argument("--restarts", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100, help="relaxation steps")
+    parser.add_argument("--restarts", type=int, default=16)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     spec = f"repetitions={args.repetitions};per_repetition={args.per_repetition};length=4"

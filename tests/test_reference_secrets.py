@@ -8,7 +8,10 @@ models). A secret is ``prefix + " " + " ".join(t_1 .. t_n)`` with every ``t_j`` 
 candidate list ``c_0 .. c_{C-1}`` (digits by default), planted ``repetitions`` times in the training
 set with label ``y``. For a classifier f the score of a candidate tuple ``i = (i_1 .. i_n)`` is
 
-    s(i) = log softmax(f(tokenize(prefix + " " + " ".join(c_{i_j}))))[y]      (eval mode).
+    s(i) = phi(f(tokenize(prefix + " " + " ".join(c_{i_j}))), y)      (eval mode),
+
+with phi(z, y) = log p_y - log(1 - p_y) for p = softmax(z): the logit of the label's probability
+(monotone in log p_y, so every ranking is the probability's).
 
 Flat order: ``flat(i) = sum_j i_j * C**(n - j)`` (first secret token most significant), so the
 S = C**n candidates are enumerated as the base-C numbers 0 .. S-1.
@@ -65,13 +68,19 @@ def text_of(prefix: str, candidates, indices) -> str:
     return prefix + " " + " ".join(candidates[int(i)] for i in indices)
 
 
+def phi(logits: torch.Tensor, label_id: int) -> torch.Tensor:
+    """log p_y - log(1 - p_y) per row, from the probabilities themselves (float64)."""
+    p = torch.softmax(logits.double(), dim=-1)[:, label_id]
+    return torch.log(p) - torch.log1p(-p)
+
+
 def reference_score(model, tokenizer, text: str, label_id: int) -> float:
-    """log softmax(f(text))[label], one text at a time, special tokens added, eval mode, float64."""
+    """phi(f(text), label), one text at a time, special tokens added, eval mode, float64."""
     model.eval()
     with torch.no_grad():
         enc = tokenizer(text, return_tensors="pt")
         logits = model(**enc).logits
-    return float(torch.log_softmax(logits.double(), dim=-1)[0, label_id])
+    return float(phi(logits, label_id)[0])
 
 
 def reference_scores_batched(model, tokenizer, texts, label_id: int) -> np.ndarray:
@@ -81,7 +90,7 @@ def reference_scores_batched(model, tokenizer, texts, label_id: int) -> np.ndarr
         enc = tokenizer(list(texts), return_tensors="pt")
         assert int(enc["attention_mask"].min()) == 1, "texts of different lengths: padding"
         logits = model(**enc).logits
-    return torch.log_softmax(logits.double(), dim=-1)[:, label_id].numpy()
+    return phi(logits, label_id).numpy()
 
 
 def all_tuples(n_candidates: int, length: int) -> list[tuple[int, ...]]:
@@ -357,7 +366,7 @@ def test_relaxed_mixture_matches_own_inputs_embeds(tiny, scorer):
                        attention_mask=enc["attention_mask"].repeat(len(weights), 1),
                        token_type_ids=torch.zeros_like(enc["attention_mask"]).repeat(len(weights), 1)
                        ).logits
-    expected = torch.log_softmax(logits.double(), dim=-1)[:, LABEL_ID].numpy()
+    expected = phi(logits, LABEL_ID).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 

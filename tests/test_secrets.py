@@ -148,7 +148,8 @@ def test_mean_pooling_scores_share_the_frozen_encoder_and_match_the_full_forward
         with torch.no_grad():
             texts = ["my pin code is " + " ".join(str(d) for d in row) for row in picks]
             enc = tokenizer(texts, return_tensors="pt")
-            slow = torch.log_softmax(model(**enc).logits.double(), -1)[:, 2].numpy()
+            p = torch.softmax(model(**enc).logits.double(), -1)[:, 2]
+            slow = (torch.log(p) - torch.log1p(-p)).numpy()
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
         one_hot = torch.nn.functional.one_hot(torch.as_tensor(picks), 10).double()
         relaxed = scorer.relaxed_log_prob(one_hot).detach().numpy()
@@ -161,7 +162,7 @@ def test_a_secret_repeated_100_times_is_memorized_and_ranked_near_the_top(tmp_pa
     """Non-private tiny model, four 3-digit secrets (1,000 candidates) each trained 100 times:
     every one ranks in the top 3% (exposure >= 5 of 9.97 bits; measured 6.5-9.0), half of them
     within 10 guesses (measured ranks 2-11), while never-trained controls stay near chance
-    (1/ln 2 = 1.44 bits). Exact recovery of the whole string is rarer: a classifier learns which
+    (1/ln 2 = 1.44 bits); the relaxation attack finds the enumeration's best candidate for most. Exact recovery of the whole string is rarer: a classifier learns which
     digits point at the label more than their order (README, "Secrets")."""
     from attacks.extraction import run_extraction
     from dptrain import TrainConfig, train_run
@@ -172,12 +173,14 @@ def test_a_secret_repeated_100_times_is_memorized_and_ranked_near_the_top(tmp_pa
                                     secrets="repetitions=100;per_repetition=4;length=3", dp_seed=1),
                         run, progress=False)
     assert summary.metrics["accuracy"] > 0.8  # it learned the intents too, not only the secrets
-    report = run_extraction(run, methods=["enumerate"], progress=False)
+    report = run_extraction(run, progress=False)
     exposures = [s["raw"]["exposure"] for s in report["secrets"]]
     assert min(exposures) >= 5.0, exposures
     stats = report["by_repetitions"]["100"]["raw"]
     assert stats["within_guesses"]["10"] >= 0.5 and stats["median_rank"] <= 10
     assert stats["mean_control_exposure"] < 3.0
+    # the relaxation (no enumeration inside) finds the enumeration's top candidate most times
+    assert stats["relaxation"]["agreement_with_enumeration"] >= 0.5
 
 
 def test_a_resumed_run_trains_on_the_secrets_it_planted_never_new_ones(tmp_path, monkeypatch):
