@@ -10,7 +10,7 @@ same data without secrets (the non-private head-only run: same tokenizer, never 
     python -m experiments.secrets_clinc --out runs/secrets_clinc
     python -m experiments.secrets_clinc --out runs/secrets_full --recipes full --epsilons inf,8
 
-Writes ``OUT/results.json`` (one row per run and R) and prints a table. Each run directory keeps
+Writes ``OUT/results-RECIPES.json`` (one row per run and R) and prints a table. Each run directory keeps
 its ``extraction/report.json`` and ``extraction.png``.
 """
 
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
                                  "epsilon": eps, "accuracy": summary.metrics["accuracy"],
                                  "repetitions": int(r), **row, "train_seconds": train_s,
                                  "attack_seconds": attack_s})
-                (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+                results = args.out / f"results-{args.recipes.replace(',', '-')}.json"
+                results.write_text(json.dumps(rows, indent=2) + "\n")
     print("| run | acc | R | exposure raw / cal. (control) | enum. exact raw / cal. | relax. exact raw / cal. |")
     print("|---|---|---|---|---|---|")
     for r in rows:
