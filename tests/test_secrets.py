@@ -209,3 +209,19 @@ def test_a_resumed_run_trains_on_the_secrets_it_planted_never_new_ones(tmp_path,
     resumed = train_run(config, run, resume=True, progress=False)
     assert (run / "private" / "secrets.json").read_bytes() == planted
     assert resumed.privacy["epsilon"] <= 2.0
+
+
+def test_a_space_too_large_to_enumerate_gets_a_sampled_rank_with_its_interval(tmp_path, capsys):
+    code, err = _train(tmp_path, capsys, "repetitions=4;length=3", dp_seed=2)
+    assert code == 0, err
+    from attacks.extraction import run_extraction
+
+    report = run_extraction(tmp_path / "run", max_enumerate=100, samples=400, steps=5,
+                            restarts=2, progress=False)
+    (row,) = report["secrets"]
+    rank = row["raw"]["rank"]
+    assert not rank["exact"] and rank["samples"] == 400
+    assert rank["low"] <= rank["rank"] <= rank["high"] and 1 <= rank["low"] and rank["high"] <= 1000
+    low_bits, high_bits = rank["exposure_interval"]
+    assert low_bits <= row["raw"]["exposure"] <= high_bits
+    assert "enumeration" not in row["raw"] and "relaxation" in row["raw"]
