@@ -283,8 +283,11 @@ def run_extraction(run_dir: str | Path, out_dir: str | Path | None = None, *,
         bar.close()
     privacy = rundir.read_json(run / rundir.PRIVACY)
     sizes = sorted({r["space_size"] for r in rows})
+    from attacks.membership import model_learned
+
     report = {
         "run_dir": str(run),
+        "learned": model_learned(run),
         "reference": None if reference is None else str(reference),
         "threat_model": "white-box: the attacker holds the weights and knows each secret's "
                         "prefix, length, candidate set and label",
@@ -308,6 +311,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     eps = report.get("epsilon")
     lines = [f"secret extraction at epsilon = {eps if eps is None else f'{float(eps):.3g}'} "
              f"(chance: exposure ≈ {CHANCE_EXPOSURE:.2f} bits)"]
+    if report.get("learned") is False:
+        from attacks.report import CHANCE_WARNING
+
+        lines.append(CHANCE_WARNING)
     for r, row in report["by_repetitions"].items():
         for kind in ("raw", "calibrated"):
             if kind not in row:

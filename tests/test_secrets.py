@@ -105,6 +105,8 @@ def test_secrets_are_stored_apart_and_extract_reports_without_them(tmp_path, cap
                  "--restarts", "1"]) == 0
     out = capsys.readouterr().out
     assert "R=3 raw: exposure" in out and "R=6 raw: exposure" in out
+    learned = json.loads((run / "metrics.json").read_text())["chance_level"]["learned"]
+    assert ("at chance level" in out) == (not learned)  # one epoch on 4 examples per intent
     report = json.loads((run / "extraction" / "report.json").read_text())
     assert (run / "extraction" / "extraction.png").stat().st_size > 10_000
     for row in report["secrets"]:
