@@ -53,7 +53,6 @@ unless ``canary_seed`` is set (experiments only: a known seed tells anyone which
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 from pathlib import Path
@@ -509,10 +508,9 @@ def _summary_lines(report, claimed, delta, private, model, data) -> list[str]:
 
 
 def _scores_png(phi: np.ndarray, included: np.ndarray, report) -> bytes:
-    import matplotlib
+    from dptrain.figures import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     included = np.asarray(included, dtype=bool)
     r = report["one_run"]
@@ -542,8 +540,4 @@ def _scores_png(phi: np.ndarray, included: np.ndarray, report) -> bytes:
                  f"(claimed ε = {claimed_text})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)

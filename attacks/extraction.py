@@ -333,13 +333,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def _figure(report: dict[str, Any]) -> bytes:
     """Exposure and exact-match rate against R, raw and calibrated, with the chance levels."""
-    import io
+    from dptrain.figures import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by_r = report["by_repetitions"]
     rs = [int(r) for r in by_r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -362,8 +358,4 @@ def _figure(report: dict[str, Any]) -> bytes:
     left.legend(fontsize=8)
     if right.lines:
         right.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

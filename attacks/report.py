@@ -26,7 +26,6 @@ entering it would contradict the claim. No region is drawn for ε = ∞.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,10 +154,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def roc_png(outcomes: Sequence[AttackOutcome], epsilon: float, delta: float,
             title: str) -> bytes:
     """ROC curves on log-log axes with the chance line and the (ε, δ)-DP boundary, as PNG."""
-    import matplotlib
+    from dptrain.figures import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n_neg = max(o.metrics.n_nonmembers for o in outcomes)
     n_pos = max(o.metrics.n_members for o in outcomes)
@@ -189,11 +187,7 @@ def roc_png(outcomes: Sequence[AttackOutcome], epsilon: float, delta: float,
            ylabel=f"true positive rate (members: {n_pos})", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=7.5)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_mia_report(

@@ -21,7 +21,6 @@ before any private data is involved: the batch is built from the built-in synthe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 

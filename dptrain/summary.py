@@ -71,13 +71,9 @@ def plot_privacy_utility(path: Path, summaries: Sequence, title: str) -> None:
 
 def privacy_utility_png(summaries: Sequence, title: str) -> bytes:
     """Test accuracy against ε (log axis), the non-private run as a dashed line; PNG bytes."""
-    import io
+    from .figures import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     private = sorted((s for s in summaries if math.isfinite(s.privacy["epsilon"])),
                      key=lambda s: s.privacy["epsilon"])
     baseline = [s for s in summaries if not math.isfinite(s.privacy["epsilon"])]
@@ -101,8 +97,4 @@ def privacy_utility_png(summaries: Sequence, title: str) -> bytes:
     ax.set(xlabel="ε spent (δ fixed; log scale)", ylabel="test accuracy", title=title, ylim=(0, 1.02))
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -730,11 +730,9 @@ def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> Non
 def _plot_curves(path: Path, curves, config) -> None:
     if not curves:
         return
-    import matplotlib
+    from .figures import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [c["epoch"] for c in curves]
     fig, axes = plt.subplots(1, 3 if config.private else 2, figsize=(12 if config.private else 8, 3.2))
     axes[0].plot(epochs, [c["train_loss"] for c in curves], marker="o", label="train (sampled batches)")
@@ -751,13 +749,7 @@ def _plot_curves(path: Path, curves, config) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{config.model} on {Path(config.data).name}, ε = {config.epsilon:g}")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    rundir.write_bytes_atomic(path, buf.getvalue())
+    rundir.write_bytes_atomic(path, png_bytes(fig, dpi=110))
 
 
 def _progress(enabled: bool, total: int, initial: int, private: bool):

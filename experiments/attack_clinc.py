@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import math
 import sys
 import time
@@ -138,12 +137,11 @@ def _row(eps: float, target: RunSummary, mia: dict, mia_s: float, audit: dict | 
 
 def plot_leakage(path: Path, rows: list[dict], title: str) -> None:
     """Left: empirical ε lower bounds against the claimed ε. Right: attack AUC by ε."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from dptrain.figures import png_bytes, pyplot
+
+    plt = pyplot()
     labels = ["∞" if math.isinf(r["target_epsilon"]) else f"{r['target_epsilon']:g}" for r in rows]
     x = np.arange(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -174,11 +172,7 @@ def plot_leakage(path: Path, rows: list[dict], title: str) -> None:
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    rundir.write_bytes_atomic(path, buf.getvalue())
+    rundir.write_bytes_atomic(path, png_bytes(fig))
 
 
 def main(argv: list[str] | None = None) -> int:

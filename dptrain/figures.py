@@ -1,0 +1,25 @@
+"""Figures as PNG bytes (matplotlib, headless Agg backend): every plot of the project ends here,
+and the caller writes the bytes atomically where they belong."""
+
+from __future__ import annotations
+
+import io
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig, dpi: int = 120) -> bytes:
+    """Lay out, render and close ``fig``; its PNG bytes."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buf.getvalue()
