@@ -183,6 +183,13 @@ def exposure(space_size: int, rank: float) -> float:
     return math.log2(space_size) - math.log2(rank)
 
 
+def calibrated_score(scorer: SecretScorer, reference: SecretScorer | None,
+                     indices: np.ndarray) -> np.ndarray:
+    """s(c), or s(c) − s_ref(c) with a reference model, for each row of ``indices``."""
+    value = scorer.score(indices)
+    return value if reference is None else value - reference.score(indices)
+
+
 def sampled_rank(scorer: SecretScorer, true_indices: Sequence[int], samples: int, seed: int,
                  confidence: float = 0.95, reference: SecretScorer | None = None) -> dict:
     """The rank estimated from ``samples`` uniform random candidates, with an exact interval.
@@ -196,10 +203,8 @@ def sampled_rank(scorer: SecretScorer, true_indices: Sequence[int], samples: int
     c = len(scorer.candidates)
     drawn = rng.integers(0, c, size=(samples, scorer.length))
     true = np.asarray(true_indices, dtype=np.int64).reshape(1, -1)
-    s = scorer.score(drawn)
-    t = scorer.score(true)[0]
-    if reference is not None:
-        s, t = s - reference.score(drawn), t - reference.score(true)[0]
+    s = calibrated_score(scorer, reference, drawn)
+    t = calibrated_score(scorer, reference, true)[0]
     k = int(np.sum(s > t))
     ci = binomtest(k, samples).proportion_ci(confidence_level=confidence, method="exact")
     size = scorer.space_size

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from attacks.exposure import (CHANCE_EXPOSURE, SecretScorer, enumerate_scores, exposure, flat_index,
-                              rank_of, sampled_rank, unflatten)
+from attacks.exposure import (CHANCE_EXPOSURE, SecretScorer, calibrated_score, enumerate_scores,
+                              exposure, flat_index, rank_of, sampled_rank, unflatten)
 from dptrain.errors import ConfigError
 
 COMMAND = "dptrain attack extract"
@@ -50,26 +50,19 @@ def _objective(scorer: SecretScorer, reference: SecretScorer | None, weights: to
     return value
 
 
-def _exact(scorer: SecretScorer, reference: SecretScorer | None, indices: np.ndarray) -> np.ndarray:
-    value = scorer.score(indices)
-    if reference is not None:
-        value = value - reference.score(indices)
-    return value
-
-
 def coordinate_polish(scorer: SecretScorer, reference: SecretScorer | None, start: Sequence[int],
                       max_rounds: int = 10) -> tuple[tuple[int, ...], float]:
     """Coordinate-wise exact search from ``start``: each position takes its best candidate with
     the others fixed, in turn, until a whole round changes nothing (a local optimum)."""
     current = np.asarray(start, dtype=np.int64).copy()
     c = len(scorer.candidates)
-    best = float(_exact(scorer, reference, current[None])[0])
+    best = float(calibrated_score(scorer, reference, current[None])[0])
     for _ in range(max_rounds):
         changed = False
         for j in range(scorer.length):
             trial = np.repeat(current[None], c, axis=0)
             trial[:, j] = np.arange(c)
-            values = _exact(scorer, reference, trial)
+            values = calibrated_score(scorer, reference, trial)
             k = int(np.argmax(values))
             if values[k] > best and k != current[j]:
                 current[j], best, changed = k, float(values[k]), True
@@ -138,10 +131,11 @@ def attack_secret(scorer: SecretScorer, reference: SecretScorer | None, truth: S
         entry: dict[str, Any] = {}
         if kind in table:
             scores = table[kind]
+            best = int(np.argmax(scores))
             rank = rank_of(scores, flat_index(truth, c))
             control_rank = rank_of(scores, flat_index(control, c))
             entry["rank"] = {"rank": rank, "exact": True}
-            entry["enumeration"] = _match(unflatten(np.array([np.argmax(scores)]), c, n)[0], truth)
+            entry["enumeration"] = _match(unflatten(np.array([best]), c, n)[0], truth)
         else:
             found = sampled_rank(scorer, truth, samples, seed, reference=ref)
             ctrl = sampled_rank(scorer, control, samples, seed + 1, reference=ref)
@@ -157,7 +151,7 @@ def attack_secret(scorer: SecretScorer, reference: SecretScorer | None, truth: S
             entry["relaxation"] = {**_match(guess, truth), "seconds": time.monotonic() - started}
             if kind in table:  # does the search find what enumeration finds?
                 entry["relaxation"]["agrees_with_enumeration"] = bool(
-                    flat_index(np.asarray(guess), c) == int(np.argmax(table[kind])))
+                    flat_index(np.asarray(guess), c) == best)
         result[kind] = entry
     return result
 
