@@ -482,6 +482,101 @@ def _epsilon_one_run(
     return lo
 
 
+# --------------------------------------------------------------------------------------------
+# One training run, f-DP form (Mahloujifar, Melis, Chaudhuri 2024)
+# --------------------------------------------------------------------------------------------
+
+
+def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
+                       significance: float) -> np.ndarray:
+    """Probability mass a μ-GDP mechanism needs for P[≥ v of r guesses right] ≥ significance.
+
+    Mahloujifar, Melis, Chaudhuri 2024, "Auditing f-differential privacy in one run" (ICML 2025,
+    arXiv:2410.22235), numerical bound for membership guessing with abstentions (k = 2 choices per
+    canary). Write τ = significance. Starting from the mass τ·v/m on right guesses and τ·(r − v)/m
+    on wrong ones, the recursion for i = v − 1, …, 0
+
+        h_i = max(h_{i+1}, f̄⁻¹(r_{i+1})),   r_i = r_{i+1} + i/(r − i) · (h_i − h_{i+1})
+
+    spreads the mass that f-DP forces onto fewer right guesses, where f̄⁻¹(x) = Φ(Φ⁻¹(x) − μ) is
+    the inverse of the trade-off curve's blow-up x ↦ 1 − f(x) for f = G_μ. If the total r_0 + h_0
+    exceeds r/m (all the mass r guesses out of m can carry), no μ-GDP mechanism can make ≥ v right
+    with probability τ: the claim is rejected. Shapes: r, v [P]; mus [P, G] → [P, G].
+    """
+    r = np.asarray(r, dtype=np.float64)[:, None]
+    v_int = np.asarray(v, dtype=np.int64)
+    h = np.broadcast_to(significance * (r - v_int[:, None]) / m, mus.shape).copy()
+    mass = np.broadcast_to(significance * v_int[:, None] / m, mus.shape).copy()
+    budget = np.broadcast_to(r / m, mus.shape)
+    # Both sequences only grow as i falls, so a cell is settled once it is over budget
+    # (rejected), or once h stops growing (then nothing changes any more: a fixed point).
+    moving = np.ones(mus.shape, dtype=bool)
+    i = int(v_int.max(initial=0)) - 1
+    while i >= 0:
+        live = moving & (i < v_int)[:, None]  # pairs with fewer right guesses have not started
+        if not live.any():  # jump to where the next pair still moving starts
+            waiting = v_int[(v_int - 1 < i) & moving.any(axis=1)]
+            if not waiting.size:
+                break
+            i = int(waiting.max()) - 1
+            continue
+        pulled = special.ndtr(special.ndtri(np.minimum(mass[live], 1.0)) - mus[live])
+        grown = np.maximum(h[live], pulled)
+        ri = r[:, 0][np.nonzero(live)[0]]
+        mass[live] += i / np.maximum(ri - i, 1.0) * (grown - h[live])
+        still = (grown > h[live]) & (mass[live] + grown <= budget[live])
+        h[live] = grown
+        moving[live] = still
+        i -= 1
+    return mass + h
+
+
+def _gdp_mu_lb(m: int, r: np.ndarray, v: np.ndarray, significance: float) -> np.ndarray:
+    """Per (r, v): the largest μ at which "the mechanism is μ-GDP" is rejected (0 if none).
+
+    Rejection is monotone in μ (a smaller μ pulls more mass), so a geometric grid brackets the
+    boundary and two finer grids inside the bracket narrow it to < 0.1%; the value returned is
+    itself rejected (the safe side for a lower bound).
+    """
+    r = np.asarray(r, dtype=np.int64)
+    v = np.asarray(v, dtype=np.int64)
+    budget = r / m
+
+    def rejected(mus: np.ndarray) -> np.ndarray:
+        return _gdp_required_mass(m, r, v, mus, significance) > budget[:, None]
+
+    grid = np.broadcast_to(np.geomspace(1e-3, 64.0, 64), (r.size, 64))
+    rej = rejected(grid) & (r > 0)[:, None]
+    lo = np.where(rej.any(axis=1), np.max(np.where(rej, grid, 0.0), axis=1), 0.0)
+    hi = np.where(rej.all(axis=1), grid[:, -1], np.min(np.where(rej, np.inf, grid), axis=1))
+    for _ in range(2):
+        fine = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, 34)[None, 1:-1]
+        rej = rejected(fine) & (lo > 0)[:, None]
+        new_lo = np.maximum(lo, np.max(np.where(rej, fine, 0.0), axis=1))
+        hi = np.minimum(hi, np.min(np.where(rej, np.inf, fine), axis=1))
+        lo = new_lo
+    return lo
+
+
+def mu_one_run(m: int, r: int, v: int, *, confidence: float = 0.95) -> float:
+    """Lower bound on μ of μ-GDP from one run: v of r guesses right among m canaries.
+
+    Every μ-GDP claim with μ below the returned value is rejected at significance 1 − confidence
+    (see :func:`_gdp_required_mass`). Like :func:`epsilon_gdp`, it is a bound on the assumption that
+    the mechanism's trade-off curve is Gaussian (DP-SGD's nearly is); it is tighter than the
+    (ε, δ) one-run bound because it uses the whole curve, not one point of it.
+    """
+    _check_one_run_counts(m, r, v)
+    s = 1.0 - _check_confidence(confidence)
+    return float(_gdp_mu_lb(int(m), np.array([r]), np.array([v]), s)[0])
+
+
+def epsilon_one_run_fdp(m: int, r: int, v: int, *, delta: float, confidence: float = 0.95) -> float:
+    """The f-DP one-run bound expressed as ε at ``delta``: gdp_epsilon(mu_one_run(m, r, v), δ)."""
+    delta = _check_delta(delta, allow_zero=False)
+    return gdp_epsilon(mu_one_run(m, r, v, confidence=confidence), delta)
+
+
 @dataclasses.dataclass(frozen=True)
 class OneRunAuditResult:
     """Outcome of :func:`one_run_audit`.
@@ -494,6 +589,9 @@ class OneRunAuditResult:
       confidence, delta: the claim tested.
       correction: ``"none"`` (a single choice, nothing searched), ``"bonferroni"`` or ``"split"``.
       n_choices: how many (k_positive, k_negative) pairs were searched.
+      bound: ``"eps-delta"`` (Steinke et al.'s (ε, δ) bound) or ``"f-dp"`` (Mahloujifar et al.'s
+        bound for a Gaussian trade-off curve; then ``mu_lb`` is the μ-GDP lower bound and
+        ``epsilon_lb`` its ε at ``delta``).
     """
 
     epsilon_lb: float
@@ -506,6 +604,8 @@ class OneRunAuditResult:
     delta: float
     correction: str
     n_choices: int
+    bound: str = "eps-delta"
+    mu_lb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ints/floats/strings for JSON."""
@@ -541,6 +641,8 @@ def one_run_audit(
     correction: Correction = "bonferroni",
     split_fraction: float = 0.5,
     seed: int | None = 0,
+    bound: Literal["eps-delta", "f-dp"] = "eps-delta",
+    paired: bool = False,
 ) -> OneRunAuditResult:
     """Run the one-run audit (Steinke, Nasr, Jagielski 2023) on the canaries' scores.
 
@@ -560,6 +662,14 @@ def one_run_audit(
       fewer canaries, so the theorem applies unchanged.
 
     A single pair involves no search: the result then says ``correction="none"``.
+
+    ``paired=True`` searches the pairs (k_positive[i], k_negative[i]) instead of every
+    combination: fewer choices, so a smaller Bonferroni price when the auditor knows it wants as
+    many "out" calls as "in" calls.
+
+    ``bound="f-dp"`` bounds the same guesses with :func:`mu_one_run` (Mahloujifar et al. 2024)
+    and reports μ_lb and its ε at ``delta`` (> 0): tighter, on the assumption of a Gaussian
+    trade-off curve; the default (ε, δ) bound assumes nothing about the curve's shape.
     """
     scores = as_scores(scores, "scores")
     m = scores.size
@@ -572,6 +682,10 @@ def one_run_audit(
             f"got shape {included_arr.shape} and dtype {included_arr.dtype}."
         )
     included_arr = included_arr.astype(bool)
+    if bound not in ("eps-delta", "f-dp"):
+        raise ValueError(f"bound must be 'eps-delta' or 'f-dp', got {_show(bound)}.")
+    if bound == "f-dp":
+        _check_delta(delta, allow_zero=False)
     options = AuditOptions(
         confidence=confidence,
         delta=delta,
@@ -581,7 +695,12 @@ def one_run_audit(
     )
     k_pos_list = _as_k_list(k_positive, "k_positive", m)
     k_neg_list = [0] if k_negative is None else _as_k_list(k_negative, "k_negative", m)
-    choices = list(itertools.product(k_pos_list, k_neg_list))
+    if paired:
+        if k_negative is None or len(k_pos_list) != len(k_neg_list):
+            raise ValueError("paired=True needs k_positive and k_negative of the same length.")
+        choices = list(zip(k_pos_list, k_neg_list))
+    else:
+        choices = list(itertools.product(k_pos_list, k_neg_list))
     for k_pos, k_neg in choices:
         if k_pos + k_neg > m:
             raise ValueError(
@@ -597,12 +716,12 @@ def one_run_audit(
     s = options.significance
 
     n_choices = len(choices)
+    at = _one_run_at if bound == "eps-delta" else _fdp_one_run_at
     if n_choices == 1:
-        bound = _one_run_at(ranked, choices[0], s, options.delta)
+        best = at(ranked, choices[:1], s, options.delta)[0]
         used, m_eval = "none", m
     elif options.correction == "bonferroni":
-        bounds = [_one_run_at(ranked, pair, s / n_choices, options.delta) for pair in choices]
-        bound = max(bounds, key=_OneRunBound.strength)
+        best = max(at(ranked, choices, s / n_choices, options.delta), key=_OneRunBound.strength)
         used, m_eval = "bonferroni", m
     else:
         m_choose = math.floor(options.split_fraction * m)
@@ -619,23 +738,24 @@ def one_run_audit(
         def scaled(pair: tuple[int, int], size: int) -> tuple[int, int]:
             return (pair[0] * size) // m, (pair[1] * size) // m
 
-        trials = [
-            _one_run_at(ranked_choose, scaled(pair, m_choose), s, options.delta) for pair in choices
-        ]
+        trials = at(ranked_choose, [scaled(pair, m_choose) for pair in choices], s, options.delta)
         chosen = choices[max(range(n_choices), key=lambda i: trials[i].strength())]
-        bound = _one_run_at(ranked_eval, scaled(chosen, m_eval), s, options.delta)
+        best = at(ranked_eval, [scaled(chosen, m_eval)], s, options.delta)[0]
         used = "split"
+    bound_result = best
     return OneRunAuditResult(
-        epsilon_lb=bound.epsilon_lb,
+        epsilon_lb=bound_result.epsilon_lb,
         m=int(m_eval),
-        r=bound.k_positive + bound.k_negative,
-        v=bound.v,
-        k_positive=bound.k_positive,
-        k_negative=bound.k_negative,
+        r=bound_result.k_positive + bound_result.k_negative,
+        v=bound_result.v,
+        k_positive=bound_result.k_positive,
+        k_negative=bound_result.k_negative,
         confidence=options.confidence,
         delta=options.delta,
         correction=used,
         n_choices=n_choices,
+        bound=bound,
+        mu_lb=bound_result.mu_lb,
     )
 
 
@@ -646,26 +766,43 @@ class _OneRunBound:
     k_positive: int
     k_negative: int
     p_value_at_zero: float
+    mu_lb: float | None = None
 
     def strength(self) -> tuple[float, float]:
-        """Order of preference: larger ε_lb, then (all bounds 0) smaller p-value against ε = 0."""
-        return self.epsilon_lb, -self.p_value_at_zero
+        """Order of preference: larger ε_lb, then (all ε bounds 0) larger μ_lb or smaller p-value
+        against ε = 0."""
+        return self.epsilon_lb, self.mu_lb if self.mu_lb is not None else -self.p_value_at_zero
 
 
 def _one_run_at(
-    ranked: np.ndarray, pair: tuple[int, int], significance: float, delta: float
-) -> _OneRunBound:
-    """The one-run bound for one (k_positive, k_negative) on canaries ranked by score."""
-    k_pos, k_neg = pair
-    r, v = k_pos + k_neg, _one_run_v(ranked, k_pos, k_neg)
-    p0 = _one_run_p_value(ranked.size, r, v, 0.0, delta) if r else 1.0
-    return _OneRunBound(
-        epsilon_lb=float(_epsilon_one_run(ranked.size, r, v, significance, delta, p0)),
-        v=v,
-        k_positive=k_pos,
-        k_negative=k_neg,
-        p_value_at_zero=p0,
-    )
+    ranked: np.ndarray, pairs: list[tuple[int, int]], significance: float, delta: float
+) -> list[_OneRunBound]:
+    """The (ε, δ) one-run bound for each (k_positive, k_negative) on canaries ranked by score."""
+    out = []
+    for k_pos, k_neg in pairs:
+        r, v = k_pos + k_neg, _one_run_v(ranked, k_pos, k_neg)
+        p0 = _one_run_p_value(ranked.size, r, v, 0.0, delta) if r else 1.0
+        out.append(_OneRunBound(
+            epsilon_lb=float(_epsilon_one_run(ranked.size, r, v, significance, delta, p0)),
+            v=v, k_positive=k_pos, k_negative=k_neg, p_value_at_zero=p0,
+        ))
+    return out
+
+
+def _fdp_one_run_at(
+    ranked: np.ndarray, pairs: list[tuple[int, int]], significance: float, delta: float
+) -> list[_OneRunBound]:
+    """The f-DP (μ-GDP) one-run bound for every pair at once (the recursion is vectorized)."""
+    rs = np.array([k_pos + k_neg for k_pos, k_neg in pairs])
+    vs = np.array([_one_run_v(ranked, k_pos, k_neg) for k_pos, k_neg in pairs])
+    mus = _gdp_mu_lb(ranked.size, rs, vs, significance)
+    return [
+        _OneRunBound(
+            epsilon_lb=gdp_epsilon(float(mu), delta), v=int(v), k_positive=k_pos, k_negative=k_neg,
+            p_value_at_zero=math.nan, mu_lb=float(mu),
+        )
+        for (k_pos, k_neg), v, mu in zip(pairs, vs, mus)
+    ]
 
 
 # --------------------------------------------------------------------------------------------

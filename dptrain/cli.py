@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--canary-seed", type=_integer, default=argparse.SUPPRESS,
                        help="seed of the canaries' inclusion coins (default: OS entropy; a known "
                        "seed tells anyone which canaries were in: experiments only)")
+    audit.add_argument("--white-box", action="store_true",
+                       help="audit the guarantee itself: insert M gradient (Dirac) canaries into "
+                            "the run's clipping and noise and bound epsilon from every released "
+                            "update and from the final weights (default M: 100000, at most the "
+                            "trained parameters); exit 1 if a bound exceeds the claimed epsilon")
     audit.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(audit, TrainConfig)
     audit.set_defaults(handler=_cmd_audit)
@@ -212,6 +217,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .summary import print_table
     from .trainer import TrainConfig, train_run
 
+    if args.white_box:
+        return _white_box_audit(args)
     if args.resume:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         given = sorted(k for k in vars(args) if k in names)
@@ -247,6 +254,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from .trainer import TrainConfig
 
+    if args.white_box:
+        return _white_box_audit(args)
     if args.resume:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         given = sorted(k for k in vars(args) if k in names or k in _AUDIT_OPTIONS)
@@ -265,6 +274,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(line)
     print(f"audit written to {outcome.out_dir}")
     return 0
+
+
+def _white_box_audit(args: argparse.Namespace) -> int:
+    from attacks.whitebox_audit import WhiteBoxOptions, run_white_box_audit
+
+    from .errors import ConfigError
+    from .trainer import TrainConfig
+
+    if args.resume:
+        raise ConfigError("a white-box audit cannot be resumed (its canaries' scores live in "
+                          "memory during training); start it again in a new --out.")
+    if "correction" in args:
+        raise ConfigError("--correction applies to the natural-canary audit; the white-box audit "
+                          "always uses Bonferroni over its guess counts.")
+    options = WhiteBoxOptions(**{k: getattr(args, k) for k in ("canaries", "confidence", "canary_seed")
+                                 if k in args})
+    report = run_white_box_audit(_config_from(args, TrainConfig), args.out, options,
+                                 progress=not args.quiet)
+    for line in report["summary"]:
+        print(line)
+    print(f"audit written to {args.out}")
+    return 1 if report["verdict"] == "refuted" else 0
 
 
 def _cmd_attack_mia(args: argparse.Namespace) -> int:

@@ -108,8 +108,7 @@ class PerSampleClipper:
         self._flush_queued = False
         self._suspended = False
         self._ctx: FlushContext | None = None  # per backward pass: batch size and caches
-        self._norm_sq: torch.Tensor | None = None  # per-sample squared norms summed so far
-        self._normed: set[nn.Module] = set()  # modules already in _norm_sq
+        self._norm_parts: dict[nn.Module, torch.Tensor] = {}  # per-module per-sample squared norms
         self._verified = False  # batch axis and sample independence checked (see _verify_batch_axis)
         self._attach()
 
@@ -412,8 +411,7 @@ class PerSampleClipper:
         ctx = self._context(calls[0].grad.shape[0])
         with torch.no_grad():
             part = rule.norm_sq(module, calls, ctx)
-        self._norm_sq = part if self._norm_sq is None else self._norm_sq + part
-        self._normed.add(module)
+        self._norm_parts[module] = part
 
     def flush(self) -> None:
         """Clip and sum the per-sample gradients of the last backward pass into ``p.grad``.
@@ -423,8 +421,8 @@ class PerSampleClipper:
         self._flush_queued = False
         active = [(m, [c for c in calls if c.grad is not None]) for m, calls in self._calls.items()]
         active = [(m, calls) for m, calls in active if calls]
-        norm_sq, normed, ctx = self._norm_sq, self._normed, self._ctx
-        self._norm_sq, self._normed, self._ctx = None, set(), None
+        parts, ctx = self._norm_parts, self._ctx
+        self._norm_parts, self._ctx = {}, None
         self._drop_calls("flushed")
         self._batch_size = None
         if not active:
@@ -445,9 +443,9 @@ class PerSampleClipper:
         try:
             with torch.no_grad():
                 for m, calls in active:
-                    if m not in normed:
-                        part = self._rules[m].norm_sq(m, calls, ctx)
-                        norm_sq = part if norm_sq is None else norm_sq + part
+                    if m not in parts:
+                        parts[m] = self._rules[m].norm_sq(m, calls, ctx)
+                norm_sq = self.total_norm_sq(parts)
                 scale = float(batch) if self.loss_reduction == "mean" else 1.0
                 norms = norm_sq.clamp(min=0).sqrt() * scale
                 coef = self.clip_factors(norms) * scale
@@ -467,6 +465,40 @@ class PerSampleClipper:
                 "per-sample clipping reads it in the backward pass: use an out-of-place op (x = x + y)."
             )
 
+    @staticmethod
+    def total_norm_sq(parts: dict[nn.Module, torch.Tensor]) -> torch.Tensor:
+        """||G_i||² = Σ over layers of each layer's per-sample squared norm: the one place that
+        combines layers, for data rows and gradient canaries alike."""
+        return torch.stack(list(parts.values())).sum(dim=0)
+
+    def clip_and_add_dirac(self, param_index: torch.Tensor, offset: torch.Tensor,
+                           value: torch.Tensor) -> torch.Tensor:
+        """Clip k single-coordinate gradients and add them to the running clipped sum.
+
+        Row j is the gradient ``value[j]`` on element ``offset[j]`` (flattened) of parameter
+        ``self.parameters[param_index[j]]`` and zero elsewhere: a white-box audit's Dirac canary
+        (Nasr et al. 2023; Steinke, Nasr, Jagielski 2023). It takes the path of a data row from
+        the per-layer norms on: the same combination over layers (:meth:`total_norm_sq`), the same
+        clip factors, the same ``p.grad`` the noise is added to. Returns the added values c_j·value_j.
+        """
+        params = self.parameters
+        modules = list(self._rules)
+        module_of = torch.tensor([k for k, m in enumerate(modules) for _ in self._trainable[m]],
+                                 dtype=torch.long)  # same order as self.parameters
+        row_module = module_of[param_index]
+        value = value.detach().to(torch.float64)
+        sq = value * value
+        parts = {m: torch.where(row_module == k, sq, 0.0) for k, m in enumerate(modules)}
+        with torch.no_grad():
+            added = self.clip_factors(self.total_norm_sq(parts).sqrt()) * value
+            for i in torch.unique(param_index).tolist():
+                p = params[i]
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                rows = param_index == i
+                p.grad.view(-1).index_add_(0, offset[rows], added[rows].to(p.grad.dtype))
+        return added
+
     def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
         """c_i = min(1, C/(||G_i|| + 1e-6)), or 1/(||G_i|| + γ) for automatic clipping."""
         if self.max_grad_norm == "auto":
@@ -475,7 +507,7 @@ class PerSampleClipper:
 
     def _drop_calls(self, state: str = "dropped") -> None:
         if state == "dropped":
-            self._norm_sq, self._normed, self._ctx = None, set(), None
+            self._norm_parts, self._ctx = {}, None
         for calls in self._calls.values():
             for call in calls:
                 call.state = state

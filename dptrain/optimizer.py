@@ -82,6 +82,7 @@ class DPOptimizer:
         self.sample_rate = sample_rate
         self.noise = noise if noise is not None else GaussianNoise()
         self.expected_rows = expected_rows
+        self.canaries = None  # a white-box audit's DiracCanaries, if attached
         self.steps = 0
 
     # ---- pass-through, so schedulers and checkpoints see the wrapped optimizer
@@ -118,14 +119,38 @@ class DPOptimizer:
         if self.ledger is not None:
             self.ledger.check_step(self.noise_multiplier, self.sample_rate)
         self._check_rows()
+        if self.canaries is not None:  # a white-box audit's gradient canaries join the clipped sum
+            params = self.clipper.parameters
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.canaries.insert(self.clipper, [p.grad for p in params])
         grads = self.noisy_sum()
-        for g in grads:
-            g.div_(self.expected_batch_size)
+        self.scale(grads)
+        if self.canaries is not None:
+            self.canaries.observe(grads)
         if self.ledger is not None:  # account before the release, so a failure cannot under-count
             self.ledger.record_step(self.noise_multiplier, self.sample_rate)
         self.original_optimizer.step()
         self.steps += 1
         self.zero_grad()
+
+    def scale(self, grads: list[torch.Tensor]) -> None:
+        """Stage 'scale': divide the noisy sum by the expected batch size q·N (a public constant;
+        the realized size would reveal who was sampled)."""
+        for g in grads:
+            g.div_(self.expected_batch_size)
+
+    def attach_canaries(self, canaries, steps: int) -> None:
+        """Insert a white-box audit's gradient canaries (:class:`~dptrain.gradient_canaries.
+        DiracCanaries`) into every following step, through this optimizer's clipping and noise."""
+        names = {id(p): n for n, p in self.clipper.model.named_parameters()}
+        canaries.bind(self.clipper.parameters, sample_rate=self.sample_rate or 1.0,
+                      steps=steps,
+                      noise_multiplier=self.noise_multiplier, sensitivity=self.clipper.sensitivity,
+                      divisor=self.expected_batch_size,
+                      names=[names.get(id(p), "?") for p in self.clipper.parameters])
+        self.canaries = canaries
 
     def _check_only_private_grads(self) -> None:
         """Fail closed: the wrapped optimizer must see no gradient the clipper did not make.

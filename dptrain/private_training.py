@@ -65,6 +65,11 @@ class PrivateTraining:
         """ε spent so far at ``delta``."""
         return self.ledger.epsilon()
 
+    def attach_canaries(self, canaries) -> None:
+        """White-box audit: insert gradient canaries into every step of this run (see
+        :mod:`dptrain.gradient_canaries`)."""
+        self.optimizer.attach_canaries(canaries, self.steps)
+
     def detach(self) -> None:
         """Remove the hooks from the model."""
         self.clipper.detach()

@@ -403,6 +403,7 @@ def train_run(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     extra_info: dict[str, Any] | None = None,
+    gradient_canaries=None,
 ) -> RunSummary:
     """Train one classifier and write its run directory.
 
@@ -413,6 +414,9 @@ def train_run(
         member_ids: identifiers of the training examples in the population they were drawn
             from, written to members.json (default: 0..N-1).
         on_step: called after every logical step with the step count (tests simulate crashes).
+        gradient_canaries: a white-box audit's :class:`~dptrain.gradient_canaries.DiracCanaries`,
+            inserted into every step (through clipping and noise in a private run, raw in a
+            non-private one); such a run cannot be resumed (the canaries' state is not saved).
     """
     import torch
 
@@ -420,6 +424,9 @@ def train_run(
 
     started = time.monotonic()
     out = Path(out_dir)
+    if gradient_canaries is not None and resume:
+        raise ConfigError("a run with gradient canaries (a white-box audit) cannot be resumed: "
+                          "start a new audit.")
     if prepare_out_dir(out, resume):
         finish_bookkeeping(out)
         log.warning("%s holds a finished run; nothing left to train", out)
@@ -502,11 +509,19 @@ def train_run(
             seed=config.dp_seed,
         )
         step_optimizer, sampler = dp.optimizer, dp.sampler
+        if gradient_canaries is not None:
+            dp.attach_canaries(gradient_canaries)
     else:
         from .sampling import PoissonSampler
 
         step_optimizer = optimizer
         sampler = PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
+        if gradient_canaries is not None:
+            named = [n_ for n_, p in model.named_parameters() if p.requires_grad]
+            bound = clip_bound(config.max_grad_norm)
+            gradient_canaries.bind(params, sample_rate=sample_rate, steps=steps, noise_multiplier=0.0,
+                                   sensitivity=1.0 if bound == "auto" else float(bound),
+                                   divisor=sample_rate * n, names=named)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
 
     # Everything that can be checked has been (data, model, δ, the reachable ε): now write.
@@ -562,6 +577,13 @@ def train_run(
             outputs.loss.backward()
             loss_sum += loss * len(chunk)
             loss_n += len(chunk)
+        if gradient_canaries is not None and dp is None:  # non-private: raw spikes, no noise
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            gradient_canaries.insert_unclipped(grads)
+            gradient_canaries.observe(grads)
         step_optimizer.step()
         step_optimizer.zero_grad()
         scheduler.step()

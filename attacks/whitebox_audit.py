@@ -1,0 +1,259 @@
+"""``dptrain audit --white-box``: gradient canaries in the user's real run, and the ε it spends at least.
+
+The natural-canary audit (:mod:`attacks.audit_run`) asks what an attacker holding the final
+model learns about sentences; it is the right test of real leakage, and far too weak to test the
+*guarantee* (a non-private run certified only ε ≥ 0.56 there). This audit tests the guarantee:
+
+1. m Dirac gradient canaries (:mod:`dptrain.gradient_canaries`), each included by a secret fair
+   coin and then Poisson-sampled like every example, enter every step of the training run through
+   the engine's own clipping, summing and noise;
+2. the auditor, who knows everything but the coins and the noise (as DP's adversary may), scores
+   each canary from **all iterates** (the log likelihood ratio of its coordinate over every
+   released update) and from the **last iterate** (how far its coordinate moved in the final
+   weights);
+3. guesses on the highest and lowest scores become two one-run lower bounds
+   (:func:`attacks.audit.one_run_audit`): Steinke, Nasr, Jagielski 2023's (ε, δ) bound, which
+   assumes nothing about the mechanism, and Mahloujifar, Melis, Chaudhuri 2024's f-DP bound, which
+   assumes a Gaussian trade-off curve (as DP-SGD nearly has) and is much tighter.
+
+Guess counts: k "in" calls on the top scores, and as many "out" calls on the bottom or none, for
+k in GUESS_FRACTIONS·m, with Bonferroni over those 24 choices. The (ε, δ) bound's δ term grows as 2·m·δ,
+so it is computed on a random subset of m' = min(m, 1/(20δ)) canaries (the others are then part of
+the mechanism; the theorem holds given them); the f-DP bound uses all m.
+
+A bound above the claimed ε proves that the run is less private than its accountant says (at the
+stated confidence): an engine or accounting bug. A bound below it proves nothing more than that
+this audit did not find one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dptrain.errors import ConfigError, DPTrainError
+from dptrain.outputs import OutputDir
+
+COMMAND = "dptrain audit --white-box"
+DEFAULT_CANARIES = 100_000
+GUESS_FRACTIONS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+PLAN = "audit.json"
+REPORT = "report.json"
+SCORES_PNG = "canary_scores.png"
+SECRETS = "canaries.npz"
+RUN = "run"
+VIEWS = ("all_iterates", "last_iterate")
+
+
+@dataclasses.dataclass(frozen=True)
+class WhiteBoxOptions:
+    """How the white-box audit runs.
+
+    Attributes:
+      canaries: m gradient canaries (default 100 000, capped at the trained parameter count).
+      confidence: probability that each reported bound holds, in (0.5, 1).
+      canary_seed: seed of coins, signs and canary sampling; None: OS entropy.
+    """
+
+    canaries: int | None = None
+    confidence: float = 0.95
+    canary_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        m = self.canaries
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2):
+            raise ConfigError(f"canaries must be an integer >= 2, got {m!r}.")
+        c = self.confidence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 < c < 1:
+            raise ConfigError(f"confidence must be in (0.5, 1), got {c!r}.")
+        if self.canary_seed is not None and (isinstance(self.canary_seed, bool)
+                                             or not isinstance(self.canary_seed, (int, np.integer))):
+            raise ConfigError(f"canary_seed must be an integer or None, got {self.canary_seed!r}.")
+
+
+def guess_counts(m: int) -> list[int]:
+    """k for each fraction of m (at least 1, at most m/2), distinct."""
+    return sorted({min(m // 2, max(1, int(f * m))) for f in GUESS_FRACTIONS} - {0})
+
+
+def guess_pairs(m: int) -> tuple[list[int], list[int]]:
+    """(k_in, k_out) pairs: k "in" calls on the top scores with as many "out" calls on the
+    bottom, or with none (a canary that was never sampled looks excluded: "out" calls then err)."""
+    ks = guess_counts(m)
+    return ks + ks, ks + [0] * len(ks)
+
+
+def bound_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
+                 confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Both one-run bounds on the same guesses (see the module docstring)."""
+    from attacks.audit import one_run_audit
+
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    m = scores.size
+    kp, kn = guess_pairs(m)
+    fdp = one_run_audit(scores, included, k_positive=kp, k_negative=kn, delta=delta,
+                        confidence=confidence, bound="f-dp", paired=True, seed=seed)
+    m_sub = max(2, min(m, int(1.0 / (20.0 * delta))))
+    subset = np.sort(np.random.default_rng([seed, 0x5eb]).permutation(m)[:m_sub])
+    kp, kn = guess_pairs(m_sub)
+    epsd = one_run_audit(scores[subset], included[subset], k_positive=kp, k_negative=kn,
+                         delta=delta, confidence=confidence, paired=True, seed=seed)
+    return {"f_dp": fdp.to_dict(), "eps_delta": {**epsd.to_dict(), "subset_of": m}}
+
+
+def _check_new_dir(outputs: OutputDir) -> None:
+    import os
+
+    from dptrain.outputs import check_writable
+
+    out = outputs.path
+    if os.path.lexists(out) and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; a white-box audit draws fresh coins, so "
+                          "choose a new directory.")
+    check_writable(out, f"--out {out}")
+
+
+def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | None = None, *,
+                        progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` (a TrainConfig) once with m gradient canaries; write and return the report.
+
+    Files in ``out_dir``: ``audit.json`` (recipe and options, written first), ``run/`` (the
+    trained run: the model a user could ship, with no canary in it that changes its function on
+    text), ``canaries.npz`` (coins, signs, coordinates and scores: audit secrets), ``report.json``
+    (last) and ``canary_scores.png``. Bad input raises before anything is written.
+    """
+    from dptrain.gradient_canaries import DiracCanaries
+    from dptrain.trainer import train_run
+
+    options = options or WhiteBoxOptions()
+    outputs = OutputDir(out_dir, COMMAND)
+    _check_new_dir(outputs)
+    m = options.canaries if options.canaries is not None else DEFAULT_CANARIES
+    canaries = DiracCanaries(m, seed=options.canary_seed,  # checks m
+                             at_most_parameters=options.canaries is None)
+    outputs.write_json(PLAN, {
+        "description": "a white-box one-run audit: gradient canaries inserted into the training "
+                       "run below (cannot be resumed: the canaries' running scores are in memory)",
+        "config": config.to_dict(), "options": dataclasses.asdict(options),
+    })
+    started = time.monotonic()
+    try:
+        outputs.claim_dir(RUN)
+        summary = train_run(config, outputs.path / RUN, gradient_canaries=canaries, progress=progress,
+                            extra_info={"white_box_audit": {"canaries": m}})
+    except DPTrainError:
+        if not (outputs.path / RUN / "config.json").exists():  # refused before writing: no trace
+            if (outputs.path / RUN).is_dir() and not any((outputs.path / RUN).iterdir()):
+                (outputs.path / RUN).rmdir()
+            outputs.unclaim_dir(RUN)
+            outputs.remove(PLAN)
+        raise
+    train_seconds = time.monotonic() - started
+    scores = {"all_iterates": canaries.all_iterates.copy(), "last_iterate": canaries.last_iterate()}
+    started = time.monotonic()
+    report = build_report(summary.privacy, canaries, scores, options.confidence)
+    report["seconds"] = {"training_with_canaries": train_seconds,
+                         "bounds": time.monotonic() - started}
+    report["summary"] = summary_lines(report, config.model, config.data)
+    outputs.write_bytes(SCORES_PNG, scores_png(scores, canaries.included, report))
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, included=canaries.included, signs=canaries.signs,
+             parameter_index=canaries.param_index.numpy(), offset=canaries.offset.numpy(),
+             all_iterates=scores["all_iterates"], last_iterate=scores["last_iterate"],
+             times_sampled=canaries.times_sampled)
+    outputs.write_bytes(SECRETS, buf.getvalue())
+    outputs.write_json(REPORT, report)  # last: marks a finished audit
+    return report
+
+
+def build_report(privacy: dict[str, Any], canaries, scores: dict[str, np.ndarray],
+                 confidence: float) -> dict[str, Any]:
+    """report.json from the run's privacy record and the canaries' scores."""
+    private = bool(privacy.get("private"))
+    claimed = float(privacy["epsilon"]) if private else math.inf
+    n = int(privacy.get("num_examples") or 1)
+    delta = float(privacy["delta"]) if private else min(1e-5, 1.0 / (10 * n))
+    views = {}
+    for view in VIEWS:
+        b = bound_scores(scores[view], canaries.included, delta=delta, confidence=confidence)
+        best = max(b["f_dp"]["epsilon_lb"], b["eps_delta"]["epsilon_lb"])
+        views[view] = {**b, "epsilon_lb": best,
+                       "ratio_to_claim": best / claimed if private and claimed > 0 else None}
+    best = max(v["epsilon_lb"] for v in views.values())
+    verdict = "no claim" if not private else "refuted" if best > claimed else "consistent"
+    sampled = canaries.times_sampled[canaries.included]
+    return {
+        "kind": "white-box one-run audit (gradient canaries)",
+        "theoretical": privacy,
+        "claimed_epsilon": claimed if private else None,
+        "delta": delta,
+        "verdict": verdict,
+        "canaries": {
+            "m": canaries.m, "included": int(canaries.included.sum()),
+            "spike": f"{canaries.spike:g} x the sensitivity on one coordinate (clipping must cut it)",
+            "coordinates": canaries.coordinates(),
+            "chosen": "the m coordinates with the smallest |clipped real-data sum| at the first step",
+            "times_sampled_included": {"mean": float(sampled.mean()) if sampled.size else 0.0,
+                                       "never": int((sampled == 0).sum())},
+        },
+        "views": views,
+        "epsilon_lb": best,
+        "confidence": confidence,
+    }
+
+
+def summary_lines(report: dict[str, Any], model: str = "", data: str = "") -> list[str]:
+    c, claimed = report["canaries"], report["claimed_epsilon"]
+    conf = f"{100 * report['confidence']:g}%"
+    lines = [f"White-box audit of {model} on {data}: {c['m']} gradient canaries, {c['included']} "
+             f"included (each with probability 1/2), through the run's own clipping and noise."]
+    for view, v in report["views"].items():
+        f, e = v["f_dp"], v["eps_delta"]
+        lines.append(
+            f"{view.replace('_', ' ')}: ε ≥ {f['epsilon_lb']:.3g} (f-DP, μ ≥ {f['mu_lb']:.3g}; "
+            f"{f['v']}/{f['r']} guesses right) and ε ≥ {e['epsilon_lb']:.3g} ((ε, δ) bound on "
+            f"{e['m']} canaries) at {conf}, δ = {report['delta']:.3g}.")
+    if claimed is None:
+        lines.append("Claimed ε = ∞ (non-private run): the bounds measure how much an update "
+                     "reveals; only the number of canaries limits them.")
+    elif report["verdict"] == "refuted":
+        lines.append(f"!!! ε_lb = {report['epsilon_lb']:.3g} > claimed ε = {claimed:.3g}: this run "
+                     "is less private than its accountant says. Do not trust its guarantee. !!!")
+    else:
+        ratio = report["epsilon_lb"] / claimed if claimed > 0 else float("nan")
+        lines.append(f"Claimed ε = {claimed:.3g}: consistent; the audit proves ε ≥ "
+                     f"{report['epsilon_lb']:.3g} ({ratio:.0%} of the claim).")
+    return lines
+
+
+def scores_png(scores: dict[str, np.ndarray], included: np.ndarray, report: dict[str, Any]) -> bytes:
+    """Histograms of the canaries' scores, included vs excluded, one panel per view."""
+    from dptrain.figures import png_bytes, pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, view in zip(axes, VIEWS):
+        s = np.asarray(scores[view], dtype=np.float64)
+        finite = s[np.isfinite(s)]
+        bins = np.histogram_bin_edges(finite, bins=60) if finite.size else 10
+        ax.hist(s[included], bins=bins, alpha=0.6, color="tab:red", label="included")
+        ax.hist(s[~included], bins=bins, alpha=0.6, color="tab:blue", label="excluded")
+        v = report["views"][view]
+        ax.set(title=f"{view.replace('_', ' ')}: ε ≥ {v['epsilon_lb']:.2f}", xlabel="score",
+               ylabel="canaries", yscale="log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    claimed = report["claimed_epsilon"]
+    fig.suptitle(f"White-box audit, {report['canaries']['m']} gradient canaries "
+                 f"(claimed ε = {'∞' if claimed is None else f'{claimed:.3g}'})")
+    return png_bytes(fig, dpi=110)
