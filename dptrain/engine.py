@@ -120,7 +120,9 @@ class PerSampleClipper:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """The parameters trained privately, in model order."""
+        """The parameters trained privately: module by module in model order, each module's own
+        by name (so a layer's bias precedes its weight). Noise streams, the replay check and
+        gradient canaries' ``param_index`` all use this order."""
         return [getattr(m, n) for m in self._rules for n in sorted(self._trainable[m])]
 
     def _attach(self) -> None:

