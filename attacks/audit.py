@@ -577,6 +577,69 @@ def epsilon_one_run_fdp(m: int, r: int, v: int, *, delta: float, confidence: flo
     return gdp_epsilon(mu_one_run(m, r, v, confidence=confidence), delta)
 
 
+def inverse_power_table(epsilons: Any, deltas: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The trade-off curve an (ε, δ(ε)) privacy profile guarantees, as "least type-I error α
+    needed for power x", tabulated on a grid of x (Dong, Roth, Su 2019, Proposition 2.12):
+
+        f(α) = sup_ε max{0, 1 − δ(ε) − e^ε α, e^{−ε}(1 − δ(ε) − α)}
+        α*(x) = max{0, sup_ε max[(x − δ(ε)) e^{−ε}, 1 − δ(ε) − e^ε (1 − x)]}
+
+    ``epsilons`` must include 0. Use with :func:`curve_one_run_rejects` to audit a mechanism
+    against its own accountant's curve (Mahloujifar et al. 2024's "hypothesized f-DP curve").
+    """
+    eps = np.asarray(epsilons, dtype=np.float64)[None, :]
+    dlt = np.asarray(deltas, dtype=np.float64)[None, :]
+    x = np.unique(np.concatenate([np.geomspace(1e-16, 1e-3, 1300), np.linspace(1e-3, 1.0, 1000)]))
+    xs = x[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.maximum((xs - dlt) * np.exp(-eps), 1.0 - dlt - np.exp(eps) * (1.0 - xs))
+    alpha = np.clip(np.nanmax(a, axis=1), 0.0, None)
+    return x, np.minimum(alpha, x)  # the trivial test: α = power
+
+
+def curve_one_run_rejects(m: int, r: Any, v: Any, table: tuple[np.ndarray, np.ndarray],
+                          significance: float) -> np.ndarray:
+    """Per (r, v): whether P[≥ v of r guesses right] ≥ significance is impossible for a
+    mechanism with the trade-off curve of ``table`` (:func:`inverse_power_table`); the same
+    recursion as :func:`_gdp_required_mass` with that curve in place of G_μ."""
+    x, alpha = table
+    r = np.asarray(r, dtype=np.float64)
+    v_int = np.asarray(v, dtype=np.int64)
+    h = significance * (r - v_int) / m
+    mass = significance * v_int / m
+    budget = r / m
+    moving = r > 0
+    i = int(v_int.max(initial=0)) - 1
+    while i >= 0:
+        live = moving & (i < v_int)
+        if not live.any():
+            waiting = v_int[(v_int - 1 < i) & moving]
+            if not waiting.size:
+                break
+            i = int(waiting.max()) - 1
+            continue
+        pulled = np.interp(np.minimum(mass[live], 1.0), x, alpha)
+        grown = np.maximum(h[live], pulled)
+        mass[live] += i / np.maximum(r[live] - i, 1.0) * (grown - h[live])
+        moving[live] = (grown > h[live]) & (mass[live] + grown <= budget[live])
+        h[live] = grown
+        i -= 1
+    return (mass + h > budget) & (r > 0)
+
+
+def one_run_guesses(scores: Any, included: Any, k_positive: Sequence[int],
+                    k_negative: Sequence[int], seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(r, v) of each (k_positive[i], k_negative[i]) guess, ranked as :func:`one_run_audit`
+    ranks (ties broken at random, never by position)."""
+    scores = as_scores(scores, "scores")
+    included = np.asarray(included, dtype=bool)
+    order = np.lexsort((_rng(seed, _TIE_BREAK).random(scores.size), -scores))
+    ranked = included[order]
+    r = np.array([kp + kn for kp, kn in zip(k_positive, k_negative)])
+    v = np.array([_one_run_v(ranked, kp, kn) for kp, kn in zip(k_positive, k_negative)])
+    return r, v
+
+
 @dataclasses.dataclass(frozen=True)
 class OneRunAuditResult:
     """Outcome of :func:`one_run_audit`.

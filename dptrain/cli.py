@@ -217,8 +217,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .summary import print_table
     from .trainer import TrainConfig, train_run
 
-    if args.white_box:
-        return _white_box_audit(args)
     if args.resume:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         given = sorted(k for k in vars(args) if k in names)

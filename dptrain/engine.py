@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -493,7 +494,7 @@ class PerSampleClipper:
         parts = {m: torch.where(row_module == k, sq, 0.0) for k, m in enumerate(modules)}
         with torch.no_grad():
             added = self.clip_factors(self.total_norm_sq(parts).sqrt()) * value
-            for i in torch.unique(param_index).tolist():
+            for i in np.unique(param_index.numpy()).tolist():
                 p = params[i]
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -117,14 +117,17 @@ class DiracCanaries:
         starts = torch.tensor([0] + [p.numel() for p in self.params]).cumsum(0)
         self.param_index = torch.searchsorted(starts, order, right=True) - 1
         self.offset = order - starts[self.param_index]
+        cuts = np.searchsorted(self.param_index.numpy(), np.arange(len(self.params) + 1))
+        self._slices = [(i, int(cuts[i]), int(cuts[i + 1])) for i in range(len(self.params))
+                        if cuts[i + 1] > cuts[i]]
         self.initial = self._gather([p.detach() for p in self.params]).numpy()
 
     def _gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.empty(self.m, dtype=torch.float64)
-        for i in torch.unique(self.param_index).tolist():
-            rows = self.param_index == i
-            out[rows] = tensors[i].detach().reshape(-1)[self.offset[rows]].to(torch.float64).cpu()
-        return out
+        """The values of ``tensors`` (one per parameter) at the canaries' coordinates, in canary
+        order (coordinates are sorted, so each parameter's canaries are one slice)."""
+        parts = [tensors[i].detach().reshape(-1)[self.offset[a:b]].to(torch.float64).cpu()
+                 for i, a, b in self._slices]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     # ---------------------------------------------------------------- one step
     def insert(self, clipper, grads: list[torch.Tensor]) -> int:
@@ -158,7 +161,7 @@ class DiracCanaries:
         self.times_sampled[rows] += 1
         idx = torch.from_numpy(rows)
         value = torch.from_numpy(self.signs[rows] * self.spike * self.sensitivity / self.divisor)
-        for i in torch.unique(self.param_index[idx]).tolist():
+        for i in np.unique(self.param_index[idx].numpy()).tolist():
             sel = self.param_index[idx] == i
             grads[i].view(-1).index_add_(0, self.offset[idx][sel], value[sel].to(grads[i].dtype))
         return int(rows.size)

@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks.audit import one_run_audit
+from attacks.whitebox_audit import bound_scores, plan_guesses
 from dptrain.gradient_canaries import DiracCanaries
 from dptrain.private_training import make_private
 
 BUGS = ("half_sigma", "no_clipping", "one_layer_norm", "two_ranks", "realized_divisor",
         "shuffled_batches")
-GUESS_FRACTIONS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 
 
 class ShuffledSampler:
@@ -103,7 +102,7 @@ def _zero_filled(clipper) -> list[torch.Tensor]:
 
 def audit_engine(bug: str | None, epsilon: float, *, m: int = 10**6, seed: int = 0,
                  sample_rate: float = 1.0, steps: int = 1, n: int = 64, delta: float = 1e-5,
-                 hidden: int = 1000) -> dict:
+                 hidden: int = 1000, mechanism: bool = False) -> dict:
     """One white-box audit of the engine (with ``bug`` planted, or none) at a claimed ε.
 
     The model is a two-layer MLP with (20 + 1 + hidden + 1)·hidden parameters trained on random
@@ -130,21 +129,27 @@ def audit_engine(bug: str | None, epsilon: float, *, m: int = 10**6, seed: int =
         dp.optimizer.zero_grad()
     dp.detach()
     train_s = time.monotonic() - started
-    return {"bug": bug or "none", "claimed_epsilon": epsilon, "delta": delta, "m": m,
-            "sample_rate": sample_rate, "steps": steps, "seed": seed,
-            "noise_multiplier": dp.noise_multiplier, "train_seconds": round(train_s, 2),
-            **bounds(canaries.all_iterates, canaries.included, delta)}
+    # the auditor plans its guesses from the claim (σ as accounted, not as a bug may draw it)
+    fractions = plan_guesses(m, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+    row = {"bug": bug or "none", "claimed_epsilon": epsilon, "delta": delta, "m": m,
+           "sample_rate": sample_rate, "steps": steps, "seed": seed,
+           "noise_multiplier": dp.noise_multiplier, "train_seconds": round(train_s, 2),
+           **bounds(canaries.all_iterates, canaries.included, delta, fractions)}
+    if mechanism:
+        from attacks.whitebox_audit import mechanism_bound
+
+        row["epsilon_lb_mechanism"] = mechanism_bound(
+            canaries.all_iterates, canaries.included, sample_rate=sample_rate, steps=steps,
+            delta=delta, fractions=fractions)["epsilon_lb"]
+    return row
 
 
-def bounds(scores: np.ndarray, included: np.ndarray, delta: float) -> dict:
-    """Both one-run bounds on the same guesses (Bonferroni over the guess counts)."""
-    m = scores.size
-    ks = sorted({max(1, int(m * f)) for f in GUESS_FRACTIONS})
-    fdp = one_run_audit(scores, included, k_positive=ks, k_negative=ks, delta=delta, bound="f-dp",
-                        paired=True)
-    epsd = one_run_audit(scores, included, k_positive=ks, k_negative=ks, delta=delta, paired=True)
-    return {"epsilon_lb_fdp": fdp.epsilon_lb, "mu_lb": fdp.mu_lb, "epsilon_lb_eps_delta": epsd.epsilon_lb,
-            "guesses": fdp.r, "right": fdp.v}
+def bounds(scores: np.ndarray, included: np.ndarray, delta: float, fractions) -> dict:
+    """The Gaussian-curve and (ε, δ) one-run bounds, as the white-box audit computes them."""
+    b = bound_scores(scores, included, delta=delta, fractions=fractions)
+    return {"epsilon_lb_fdp": b["f_dp"]["epsilon_lb"], "mu_lb": b["f_dp"]["mu_lb"],
+            "epsilon_lb_eps_delta": b["eps_delta"]["epsilon_lb"], "guesses": b["f_dp"]["r"],
+            "right": b["f_dp"]["v"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--m", type=int, default=10**6, help="gradient canaries per audit")
     parser.add_argument("--seeds", type=int, default=20, help="repeated audits of the correct engine")
+    parser.add_argument("--bug-seeds", type=int, default=5, help="repeated audits of each bug")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
@@ -160,20 +166,23 @@ def main(argv: list[str] | None = None) -> None:
     for eps in (1.0, 2.0):
         for bug in BUGS:
             kw = {"sample_rate": 0.1, "steps": 10} if bug in ("shuffled_batches", "realized_divisor") else {}
-            rows.append(audit_engine(bug, eps, m=args.m, **kw))
-            print(json.dumps(rows[-1]), flush=True)
+            for seed in range(args.bug_seeds):
+                rows.append(audit_engine(bug, eps, m=args.m, mechanism=bool(kw), seed=seed, **kw))
+                print(json.dumps(rows[-1]), flush=True)
         for seed in range(args.seeds):
             rows.append(audit_engine(None, eps, m=args.m, seed=seed))
             print(json.dumps(rows[-1]), flush=True)
         for seed in range(3):
-            rows.append(audit_engine(None, eps, m=args.m, seed=seed, sample_rate=0.1, steps=10))
+            rows.append(audit_engine(None, eps, m=args.m, seed=seed, sample_rate=0.1, steps=10,
+                                     mechanism=True))
             print(json.dumps(rows[-1]), flush=True)
+    for eps in (1.0, 2.0):
+        rows.append(replay_steps(None, epsilon=eps))
+        for bug in BUGS:
+            rows.append(replay_steps(bug, epsilon=eps))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
 
-
-if __name__ == "__main__":
-    main()
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +296,7 @@ def replay_steps(bug: str | None, *, n: int = 40, sample_rate: float = 0.5, step
                 for a, b in zip(d["released"], d2["released"]))
     sensitivity = max_grad_norm
     return {
-        "bug": bug or "none", "removed": removed,
+        "kind": "replay", "claimed_epsilon": epsilon, "bug": bug or "none", "removed": removed,
         "same_batches": same_batches, "same_noise_draws": same_draws,
         "noise_std_over_sigma_c": noise_ratio, "max_shift_over_c": shift / sensitivity,
         "passed": bool(same_batches and same_draws and abs(noise_ratio - 1) <= 0.03
@@ -300,3 +309,7 @@ def _sigma(epsilon: float, sample_rate: float, steps: int) -> float:
 
     return calibrate_noise_multiplier(target_epsilon=epsilon, delta=1e-5, sample_rate=sample_rate,
                                       steps=steps, accountant="prv")
+
+
+if __name__ == "__main__":
+    main()
