@@ -225,7 +225,7 @@ def privacy_profile(noise_multiplier: float, sample_rate: float, steps: int,
     # δ(ε) = Σ_{t ≥ ε} pmf(t)·(1 − e^{ε − t}), with suffix sums: one pass for every ε.
     tail = np.concatenate([np.cumsum(pmf[::-1])[::-1], [0.0]])
     weighted = np.concatenate([np.cumsum((pmf * np.exp(-np.clip(ts, -700, 700)))[::-1])[::-1], [0.0]])
-    shifted = np.maximum(epsilons - PROFILE_EPS_ERROR, 0.0)
+    shifted = epsilons - PROFILE_EPS_ERROR  # at ε = 0 too: the formula holds for ε < 0
     start = np.searchsorted(ts, shifted, side="left")
     deltas = tail[start] - np.exp(shifted) * weighted[start] + PROFILE_DELTA_ERROR
     return epsilons, np.clip(deltas, 0.0, 1.0)
