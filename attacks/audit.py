@@ -487,9 +487,10 @@ def _epsilon_one_run(
 # --------------------------------------------------------------------------------------------
 
 
-def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
-                       significance: float) -> np.ndarray:
-    """Probability mass a μ-GDP mechanism needs for P[≥ v of r guesses right] ≥ significance.
+def _one_run_required_mass(m: int, r: np.ndarray, v: np.ndarray, shape: tuple[int, int],
+                           inverse_power: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                           significance: float) -> np.ndarray:
+    """Probability mass a mechanism needs for P[≥ v of r guesses right] ≥ significance.
 
     Mahloujifar, Melis, Chaudhuri 2024, "Auditing f-differential privacy in one run" (ICML 2025,
     arXiv:2410.22235), numerical bound for membership guessing with abstentions (k = 2 choices per
@@ -498,19 +499,22 @@ def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
 
         h_i = max(h_{i+1}, f̄⁻¹(r_{i+1})),   r_i = r_{i+1} + i/(r − i) · (h_i − h_{i+1})
 
-    spreads the mass that f-DP forces onto fewer right guesses, where f̄⁻¹(x) = Φ(Φ⁻¹(x) − μ) is
-    the inverse of the trade-off curve's blow-up x ↦ 1 − f(x) for f = G_μ. If the total r_0 + h_0
-    exceeds r/m (all the mass r guesses out of m can carry), no μ-GDP mechanism can make ≥ v right
-    with probability τ: the claim is rejected. Shapes: r, v [P]; mus [P, G] → [P, G].
+    spreads the mass that f-DP forces onto fewer right guesses, where f̄⁻¹ is the inverse of the
+    trade-off curve's blow-up x ↦ 1 − f(x): the least type-I error a test of power x needs. If
+    the total r_0 + h_0 exceeds r/m (all the mass r guesses out of m can carry), no mechanism
+    with that curve can make ≥ v right with probability τ: the claim is rejected.
+
+    Shapes: r, v [P]; the result [P, G] = ``shape``, one column per candidate curve;
+    ``inverse_power(x, cells)`` gives f̄⁻¹(x) for the cells (a boolean [P, G] mask) x belongs to.
     """
     r = np.asarray(r, dtype=np.float64)[:, None]
     v_int = np.asarray(v, dtype=np.int64)
-    h = np.broadcast_to(significance * (r - v_int[:, None]) / m, mus.shape).copy()
-    mass = np.broadcast_to(significance * v_int[:, None] / m, mus.shape).copy()
-    budget = np.broadcast_to(r / m, mus.shape)
+    h = np.broadcast_to(significance * (r - v_int[:, None]) / m, shape).copy()
+    mass = np.broadcast_to(significance * v_int[:, None] / m, shape).copy()
+    budget = np.broadcast_to(r / m, shape)
     # Both sequences only grow as i falls, so a cell is settled once it is over budget
     # (rejected), or once h stops growing (then nothing changes any more: a fixed point).
-    moving = np.ones(mus.shape, dtype=bool)
+    moving = np.broadcast_to(r > 0, shape).copy()
     i = int(v_int.max(initial=0)) - 1
     while i >= 0:
         live = moving & (i < v_int)[:, None]  # pairs with fewer right guesses have not started
@@ -520,8 +524,7 @@ def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
                 break
             i = int(waiting.max()) - 1
             continue
-        pulled = special.ndtr(special.ndtri(np.minimum(mass[live], 1.0)) - mus[live])
-        grown = np.maximum(h[live], pulled)
+        grown = np.maximum(h[live], inverse_power(np.minimum(mass[live], 1.0), live))
         ri = r[:, 0][np.nonzero(live)[0]]
         mass[live] += i / np.maximum(ri - i, 1.0) * (grown - h[live])
         still = (grown > h[live]) & (mass[live] + grown <= budget[live])
@@ -529,6 +532,13 @@ def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
         moving[live] = still
         i -= 1
     return mass + h
+
+
+def _gdp_required_mass(m: int, r: np.ndarray, v: np.ndarray, mus: np.ndarray,
+                       significance: float) -> np.ndarray:
+    """:func:`_one_run_required_mass` for f = G_μ, whose f̄⁻¹(x) = Φ(Φ⁻¹(x) − μ); mus [P, G]."""
+    return _one_run_required_mass(
+        m, r, v, mus.shape, lambda x, cells: special.ndtr(special.ndtri(x) - mus[cells]), significance)
 
 
 def _gdp_mu_lb(m: int, r: np.ndarray, v: np.ndarray, significance: float) -> np.ndarray:
@@ -600,31 +610,13 @@ def inverse_power_table(epsilons: Any, deltas: Any) -> tuple[np.ndarray, np.ndar
 def curve_one_run_rejects(m: int, r: Any, v: Any, table: tuple[np.ndarray, np.ndarray],
                           significance: float) -> np.ndarray:
     """Per (r, v): whether P[≥ v of r guesses right] ≥ significance is impossible for a
-    mechanism with the trade-off curve of ``table`` (:func:`inverse_power_table`); the same
-    recursion as :func:`_gdp_required_mass` with that curve in place of G_μ."""
+    mechanism with the trade-off curve of ``table`` (:func:`inverse_power_table`): the recursion
+    of :func:`_one_run_required_mass` with that curve in place of G_μ."""
     x, alpha = table
     r = np.asarray(r, dtype=np.float64)
-    v_int = np.asarray(v, dtype=np.int64)
-    h = significance * (r - v_int) / m
-    mass = significance * v_int / m
-    budget = r / m
-    moving = r > 0
-    i = int(v_int.max(initial=0)) - 1
-    while i >= 0:
-        live = moving & (i < v_int)
-        if not live.any():
-            waiting = v_int[(v_int - 1 < i) & moving]
-            if not waiting.size:
-                break
-            i = int(waiting.max()) - 1
-            continue
-        pulled = np.interp(np.minimum(mass[live], 1.0), x, alpha)
-        grown = np.maximum(h[live], pulled)
-        mass[live] += i / np.maximum(r[live] - i, 1.0) * (grown - h[live])
-        moving[live] = (grown > h[live]) & (mass[live] + grown <= budget[live])
-        h[live] = grown
-        i -= 1
-    return (mass + h > budget) & (r > 0)
+    mass = _one_run_required_mass(m, r, v, (r.size, 1), lambda xs, cells: np.interp(xs, x, alpha),
+                                  significance)[:, 0]
+    return (mass > r / m) & (r > 0)
 
 
 def one_run_guesses(scores: Any, included: Any, k_positive: Sequence[int],

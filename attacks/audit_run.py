@@ -156,13 +156,13 @@ class AuditOutcome:
         return float(self.report["one_run"]["epsilon_lb"])
 
 
-def _check_new_audit_dir(outputs: OutputDir) -> None:
+def check_new_audit_dir(outputs: OutputDir, resumable: bool = True) -> None:
     """A new audit needs an empty (or new), writable directory: it draws fresh coins."""
     out = outputs.path
     if os.path.lexists(out) and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()):
-        if outputs.owns(PLAN) and not outputs.owns(REPORT):
+        if resumable and outputs.owns(PLAN) and not outputs.owns(REPORT):
             raise ConfigError(
                 f"--out {out} is not empty: it holds a stopped audit; continue it with "
                 f"dptrain audit --resume --out {out} (a new audit draws fresh coins, so it "
@@ -191,7 +191,7 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
 
     options = options or AuditRunOptions()
     outputs = OutputDir(out_dir, COMMAND)
-    _check_new_audit_dir(outputs)
+    check_new_audit_dir(outputs)
     data = load_intent_data(
         config.data, text_column=config.text_column, label_column=config.label_column,
         seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)

@@ -193,20 +193,6 @@ def mechanism_bound(scores: np.ndarray, included: np.ndarray, *, sample_rate: fl
             "delta": delta, "r": int(r[best]), "v": int(v[best])}
 
 
-def _check_new_dir(outputs: OutputDir) -> None:
-    import os
-
-    from dptrain.outputs import check_writable
-
-    out = outputs.path
-    if os.path.lexists(out) and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; a white-box audit draws fresh coins, so "
-                          "choose a new directory.")
-    check_writable(out, f"--out {out}")
-
-
 def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | None = None, *,
                         progress: bool = True) -> dict[str, Any]:
     """Train ``config`` (a TrainConfig) once with m gradient canaries; write and return the report.
@@ -216,12 +202,13 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
     text), ``canaries.npz`` (coins, signs, coordinates and scores: audit secrets), ``report.json``
     (last) and ``canary_scores.png``. Bad input raises before anything is written.
     """
+    from attacks.audit_run import check_new_audit_dir
     from dptrain.gradient_canaries import DiracCanaries
     from dptrain.trainer import train_run
 
     options = options or WhiteBoxOptions()
     outputs = OutputDir(out_dir, COMMAND)
-    _check_new_dir(outputs)
+    check_new_audit_dir(outputs, resumable=False)
     m = options.canaries if options.canaries is not None else DEFAULT_CANARIES
     canaries = DiracCanaries(m, seed=options.canary_seed,  # checks m
                              at_most_parameters=options.canaries is None)
