@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clipping bound C or 'auto' (default: 1.0)")
     check.add_argument("--batch-size", type=_integer, default=8, help="examples (default: 8)")
     check.set_defaults(handler=_cmd_check)
+
+    sweep = sub.add_parser(
+        "sweep", help="privacy-utility sweep: an epsilon grid x seeds x recipe variants from one "
+        "YAML config, to results.csv, plots and report.html",
+        description="Trains every (variant, seed, epsilon) cell of the config (finished cells "
+        "are reused, stopped ones resumed: rerun the same command after a crash), then writes "
+        "DIR/results.csv, DIR/accuracy.png/.svg and DIR/report.html. See "
+        "experiments/configs/ for examples.")
+    sweep.add_argument("--config", required=True, type=Path, help="the sweep's YAML file")
+    sweep.add_argument("--out", required=True, type=Path, help="sweep directory (created, or "
+                       "the same sweep's directory to continue it)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=_cmd_sweep)
     attack = sub.add_parser("attack", help="attack a trained run: membership inference, "
                             "secret extraction",
                             description="Attacks that measure what a trained run leaks.")
@@ -316,6 +329,21 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
         print(line)
     out = args.out if args.out is not None else args.run / "attacks"
     print(f"report written to {out}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep import REPORT, RESULTS, run_sweep
+
+    from .summary import print_rows
+
+    rows = run_sweep(args.config, args.out, progress=not args.quiet)
+    keys = ("variant", "seed", "target_epsilon", "epsilon", "accuracy", "macro_f1",
+            "worst_class_recall", "negative_flip_rate")
+    table = [list(keys)] + [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+                            for r in rows]
+    print_rows(table)
+    print(f"sweep written to {args.out}: {RESULTS}, accuracy.png, {REPORT}")
     return 0
 
 

@@ -18,8 +18,16 @@ def pyplot():
 
 def png_bytes(fig, dpi: int = 120) -> bytes:
     """Lay out, render and close ``fig``; its PNG bytes."""
+    return rendered(fig, ("png",), dpi)["png"]
+
+
+def rendered(fig, formats=("png", "svg"), dpi: int = 120) -> dict[str, bytes]:
+    """Lay out ``fig``, render it in each format, close it; {format: bytes}."""
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    out = {}
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi)
+        out[fmt] = buf.getvalue()
     pyplot().close(fig)
-    return buf.getvalue()
+    return out

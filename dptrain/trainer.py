@@ -246,6 +246,9 @@ class RunSummary:
     privacy: dict[str, Any]
     metrics: dict[str, Any]
     seconds: float
+    # Which test examples the model got right, in memory only (never written by the trainer):
+    # a sweep compares models example by example (negative flips). None when loaded from disk.
+    test_correct: np.ndarray | None = None
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "RunSummary":
@@ -645,7 +648,8 @@ def train_run(
     metrics["train_seconds"] = seconds
     privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
     _write_final(out, model, tokenizer, privacy, metrics, curves, config)
-    return RunSummary(out, config, privacy, metrics, seconds)
+    return RunSummary(out, config, privacy, metrics, seconds,
+                      test_correct=np.asarray(test["predictions"]) == np.asarray(enc["test"].labels))
 
 
 def stalled(curves: list[dict[str, Any]], patience: int) -> bool:

@@ -1,0 +1,78 @@
+"""dptrain sweep: config checks, a tiny sweep end to end, and continuing a stopped sweep."""
+
+from __future__ import annotations
+
+import csv
+import math
+from html.parser import HTMLParser
+
+import pytest
+
+from dptrain.cli import main
+from experiments.sweep import COLUMNS, load_config, run_sweep
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+TINY = {"name": "tiny", "data": "synthetic", "model": "tiny", "epsilons": ["inf", 4],
+        "seeds": [0], "recipe": {"synthetic_per_intent": 12, "epochs": 2, "batch_size": 16}}
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.rows, self.items = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag == "tr":
+            self.rows += 1
+        elif tag == "li":
+            self.items += 1
+
+
+def test_a_tiny_sweep_end_to_end_and_continued(tmp_path):
+    out = tmp_path / "sweep"
+    rows = run_sweep(TINY, out, progress=False)
+    assert [(r["seed"], r["target_epsilon"]) for r in rows] == [(0, math.inf), (0, 4.0)]
+    private = rows[1]
+    assert private["epsilon"] <= 4.0 and private["noise_multiplier"] > 0
+    assert rows[0]["negative_flip_rate"] == 0.0 and 0.0 <= private["negative_flip_rate"] <= 1.0
+    assert 0.0 <= private["worst_class_recall"] <= private["accuracy"] + 1e-9 or private["accuracy"] == 0
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == COLUMNS and len(table) == 2 and table[0]["target_epsilon"] == "inf"
+    for name in ("accuracy.png", "accuracy.svg", "report.html", "sweep.json"):
+        assert (out / name).stat().st_size > 0
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+    assert page.rows == 3 and page.items == 1  # header + 2 cells; one reading line per private ε
+
+    # Continuing: finished cells are read back, never retrained.
+    runs = sorted((out / "cells").rglob("privacy.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = run_sweep(TINY, out, progress=False)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    assert again[1]["negative_flip_rate"] == private["negative_flip_rate"]
+
+    with pytest.raises(Exception, match="different sweep"):
+        run_sweep({**TINY, "seeds": [1]}, out, progress=False)
+
+
+def test_every_config_problem_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: synthetic\nepsilons: [inf, -1, x]\nseeds: [0, 0.5]\nlr_typo: 1\n"
+                   "recipe: {epochz: 2}\n")
+    assert main(["sweep", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    for part in ("unknown key 'lr_typo'", "-1 is not a number > 0", "'x' is not a number",
+                 "0.5 is not an integer", "unknown field 'epochz'"):
+        assert part in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Exception, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(Exception, match="lr must"):
+        load_config({**TINY, "recipe": {"lr": -1.0}})
