@@ -45,13 +45,16 @@ import numpy as np
 
 from dptrain.errors import ConfigError
 
-KEYS = {"name", "data", "model", "epsilons", "seeds", "recipe", "variants"}
+KEYS = {"name", "data", "model", "epsilons", "seeds", "recipe", "variants", "attacks"}
+ATTACK_KEYS = {"mia": {"shadows"}, "white_box": {"canaries"}}
 RESULTS = "results.csv"
 REPORT = "report.html"
 PLAN = "sweep.json"
 COLUMNS = ("variant", "seed", "target_epsilon", "epsilon", "delta", "noise_multiplier",
            "sample_rate", "steps", "accuracy", "macro_f1", "worst_class_recall",
-           "class_recall_spread", "negative_flip_rate", "seconds")
+           "class_recall_spread", "negative_flip_rate", "seconds",
+           "mia_best_auc", "mia_tpr_at_0.1%", "mia_tpr_at_1%", "mia_epsilon_lb_cp",
+           "mia_epsilon_lb_gdp", "mia_seconds", "whitebox_epsilon_lb", "whitebox_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,7 @@ class SweepConfig:
     seeds: tuple[int, ...]
     recipe: dict[str, Any]
     variants: dict[str, dict[str, Any]]
+    attacks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def cells(self) -> list[tuple[str, int, float]]:
         """(variant, seed, ε) in run order: the non-private reference of a seed first."""
@@ -78,7 +82,8 @@ class SweepConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "data": self.data, "model": self.model,
                 "epsilons": ["inf" if math.isinf(e) else e for e in self.epsilons],
-                "seeds": list(self.seeds), "recipe": self.recipe, "variants": self.variants}
+                "seeds": list(self.seeds), "recipe": self.recipe, "variants": self.variants,
+                "attacks": self.attacks}
 
 
 def load_config(source: str | Path | dict) -> SweepConfig:
@@ -132,6 +137,23 @@ def load_config(source: str | Path | dict) -> SweepConfig:
         problems += [f"{label}: unknown field {k!r}" for k in overrides if k not in fields]
     if not isinstance(variants, dict):
         problems.append("variants must map names to recipe fields")
+    attacks = raw.get("attacks") or {}
+    if not isinstance(attacks, dict):
+        problems.append("attacks must map mia / white_box to their options")
+        attacks = {}
+    for name, options in attacks.items():
+        if name not in ATTACK_KEYS:
+            problems.append(f"attacks: unknown attack {name!r} (allowed: {', '.join(sorted(ATTACK_KEYS))})")
+            continue
+        options = options or {}
+        if not isinstance(options, dict):
+            problems.append(f"attacks.{name} must be a mapping")
+            continue
+        problems += [f"attacks.{name}: unknown option {k!r}" for k in options if k not in ATTACK_KEYS[name]]
+        for key, low in (("shadows", 2), ("canaries", 2)):
+            value = options.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                problems.append(f"attacks.{name}.{key} must be an integer >= {low}, got {value!r}")
     if not problems:
         for variant in variants:  # each recipe is checked by TrainConfig itself
             try:
@@ -144,7 +166,8 @@ def load_config(source: str | Path | dict) -> SweepConfig:
     return SweepConfig(name=str(raw.get("name", "sweep")), data=str(raw["data"]),
                        model=str(raw.get("model", "minilm")), epsilons=tuple(epsilons),
                        seeds=tuple(seeds), recipe=dict(recipe),
-                       variants={str(k): dict(v) for k, v in variants.items()})
+                       variants={str(k): dict(v) for k, v in variants.items()},
+                       attacks={str(k): dict(v or {}) for k, v in attacks.items()})
 
 
 def _tag(epsilon: float) -> str:
@@ -197,7 +220,12 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
             kept.parent.mkdir(parents=True, exist_ok=True)
             np.save(kept, summary.test_correct)
         correct[(variant, seed, eps)] = np.load(kept) if kept.exists() else None
-        rows.append(_row(variant, seed, eps, summary, correct))
+        row = _row(variant, seed, eps, summary, correct)
+        if "mia" in cfg.attacks:
+            row.update(_membership(where, out / "shadows", cfg.attacks["mia"]))
+        if "white_box" in cfg.attacks:
+            row.update(_white_box(cfg, out, variant, seed, eps))
+        rows.append(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({"last": f"{variant}/seed{seed}/ε={_tag(eps)}",
@@ -206,11 +234,60 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
         bar.close()
     write_results(out, rows)
     figures = {"accuracy": rendered(accuracy_figure(rows))}
+    if "mia" in cfg.attacks:
+        figures["attacks"] = rendered(attacks_figure(rows))
+    if cfg.attacks:
+        figures["audit"] = rendered(audit_figure(rows))
     for name, files in figures.items():
         for fmt, data in files.items():
             rundir.write_bytes_atomic(out / f"{name}.{fmt}", data)
     rundir.write_bytes_atomic(out / REPORT, report_html(cfg, rows, figures).encode("utf-8"))
     return rows
+
+
+def _membership(cell: Path, shadows: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Membership inference on a cell (reused when its report exists); shadow models live in
+    one cache for the whole sweep, keyed by recipe and data, so cells that can share them do."""
+    from attacks.membership import run_membership_inference
+    from attacks.metrics import fpr_key
+
+    report_path = cell / "attacks" / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+    else:
+        report = run_membership_inference(cell, cell / "attacks", n_shadows=options.get("shadows", 8),
+                                          shadow_dir=shadows, progress=False)
+    attacks = report["attacks"].values()
+    return {
+        "mia_best_auc": max(a["auc"] for a in attacks),
+        "mia_tpr_at_0.1%": max(a["tpr_at_fpr"][fpr_key(0.001)] for a in attacks),
+        "mia_tpr_at_1%": max(a["tpr_at_fpr"][fpr_key(0.01)] for a in attacks),
+        "mia_epsilon_lb_cp": report["empirical_epsilon"]["clopper_pearson"],
+        "mia_epsilon_lb_gdp": report["empirical_epsilon"]["gdp"],
+        "mia_seconds": report.get("seconds"),
+    }
+
+
+def _white_box(cfg: SweepConfig, out: Path, variant: str, seed: int, eps: float) -> dict[str, Any]:
+    """A white-box audit of the cell's recipe (its own training run with gradient canaries).
+    A finished one is read back; one that stopped cannot resume and starts again."""
+    import shutil
+
+    from attacks.whitebox_audit import WhiteBoxOptions, run_white_box_audit
+
+    where = out / "whitebox" / variant / f"seed{seed}" / f"eps{_tag(eps)}"
+    if (where / "report.json").exists():
+        report = json.loads((where / "report.json").read_text())
+    else:
+        if where.exists():
+            shutil.rmtree(where)  # the sweep's own stopped audit: its coins were never used
+        where.parent.mkdir(parents=True, exist_ok=True)
+        report = run_white_box_audit(cfg.train_config(variant, seed, eps), where,
+                                     WhiteBoxOptions(canaries=cfg.attacks["white_box"].get("canaries")),
+                                     progress=False)
+    seconds = report.get("seconds", {})
+    return {"whitebox_epsilon_lb": report["epsilon_lb"],
+            "whitebox_seconds": sum(v for v in seconds.values() if isinstance(v, (int, float)))}
 
 
 def _row(variant, seed, eps, summary, correct) -> dict[str, Any]:
@@ -236,7 +313,8 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("inf" if isinstance(r[k], float) and math.isinf(r[k]) else r[k]) for k in COLUMNS})
+        writer.writerow({k: ("inf" if isinstance(r.get(k), float) and math.isinf(r[k]) else r.get(k, ""))
+                         for k in COLUMNS})
     from dptrain import rundir
 
     rundir.write_bytes_atomic(out / RESULTS, buf.getvalue().encode())
@@ -254,26 +332,67 @@ def accuracy_figure(rows: list[dict[str, Any]]):
     """Test accuracy against ε per variant (mean ± std over seeds), the non-private line dashed."""
     from dptrain.figures import pyplot
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
-        color = f"C{k}"
-        eps, mean, std = _by_epsilon(rows, variant, "accuracy")
-        if eps:
-            ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, color=color, label=variant)
-        ref = [r["accuracy"] for r in rows if r["variant"] == variant and math.isinf(r["target_epsilon"])]
-        if ref:
-            ax.axhline(float(np.mean(ref)), ls="--", color=color, alpha=0.7,
-                       label=f"{variant}, non-private")
-    ax.set(xscale="log", xlabel="ε (target; δ fixed)", ylabel="test accuracy",
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
+    _errorbars(ax, rows, "accuracy")
+    ax.set(xlabel="ε (target; δ fixed)", ylabel="test accuracy",
            title="Privacy–utility (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _errorbars(ax, rows, key, label_suffix=""):
+    for k, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        eps, mean, std = _by_epsilon(rows, variant, key)
+        ref = [r[key] for r in rows if r["variant"] == variant and math.isinf(r["target_epsilon"])]
+        if eps:
+            ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, color=f"C{k}",
+                        label=f"{variant}{label_suffix}")
+        if ref:
+            ax.axhline(float(np.mean(ref)), ls="--", color=f"C{k}", alpha=0.7,
+                       label=f"{variant}{label_suffix}, non-private")
     ticks = sorted({r["target_epsilon"] for r in rows if not math.isinf(r["target_epsilon"])})
-    if ticks:  # label the ε of the grid, not powers of ten
+    ax.set_xscale("log")
+    if ticks:
         from matplotlib.ticker import NullLocator
 
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
+
+
+def attacks_figure(rows: list[dict[str, Any]]):
+    """Best membership attack's TPR at 1% FPR and AUC against ε (mean ± std over seeds)."""
+    from dptrain.figures import pyplot
+
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
+    _errorbars(left, rows, "mia_tpr_at_1%")
+    left.axhline(0.01, color="grey", lw=1, ls=":", label="chance (TPR = FPR)")
+    left.set(xlabel="ε", ylabel="TPR at 1% FPR (best attack)", title="Membership inference")
+    _errorbars(right, rows, "mia_best_auc")
+    right.axhline(0.5, color="grey", lw=1, ls=":", label="chance")
+    right.set(xlabel="ε", ylabel="AUC (best attack)", title="Membership inference")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    return fig
+
+
+def audit_figure(rows: list[dict[str, Any]]):
+    """Empirical ε lower bounds against the theoretical ε, with the diagonal they cannot cross."""
+    from dptrain.figures import pyplot
+
+    fig, ax = pyplot().subplots(figsize=(6, 4.5))
+    finite = [r for r in rows if not math.isinf(r["target_epsilon"])]
+    for key, label, marker in (("whitebox_epsilon_lb", "white-box audit", "o"),
+                               ("mia_epsilon_lb_cp", "membership inference (indicative)", "s")):
+        points = [(r["epsilon"], r[key]) for r in finite if key in r]
+        if points:
+            x, y = zip(*points)
+            ax.scatter(x, y, marker=marker, label=label, alpha=0.8)
+    top = max([r["epsilon"] for r in finite] or [1.0])
+    ax.plot([0, top], [0, top], color="grey", ls="--", label="ε_lb = ε (a bound above it: a bug)")
+    ax.set(xlabel="theoretical ε (spent)", ylabel="empirical ε lower bound (95%)",
+           title="What the audits prove")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
@@ -295,6 +414,15 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
                 text += f"; {100 * flip:.1f}% of test examples the non-private model gets right turn wrong"
             if not math.isnan(w):
                 text += f"; the worst class keeps a recall of {w:.2f}"
+            cells = [r for r in rows if r["variant"] == variant and r["target_epsilon"] == e]
+            if all("mia_tpr_at_1%" in r for r in cells):
+                tpr = max(r["mia_tpr_at_1%"] for r in cells)
+                text += (f"; the best membership attack finds at most {100 * tpr:.1f}% of the "
+                         f"members at 1% false positives ({'about chance' if tpr <= 0.02 else 'above chance'})")
+            if all("whitebox_epsilon_lb" in r for r in cells):
+                lb = max(r["whitebox_epsilon_lb"] for r in cells)
+                verdict = "a bug: above the claim" if lb > max(r["epsilon"] for r in cells) else "consistent"
+                text += f"; the white-box audit proves ε ≥ {lb:.2f} ({verdict})"
             lines.append(text + ".")
     return lines
 
@@ -310,8 +438,9 @@ def report_html(cfg: SweepConfig, rows: list[dict[str, Any]], figures: dict[str,
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(files["png"]).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
         for name, files in figures.items())
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in COLUMNS) + "</tr>" for r in rows)
+    shown = [c for c in COLUMNS if any(c in r for r in rows)]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in shown) + "</tr>" for r in rows)
     items = "".join(f"<li>{html.escape(line)}</li>" for line in reading(rows))
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"

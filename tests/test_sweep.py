@@ -76,3 +76,35 @@ def test_every_config_problem_in_one_line(tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(Exception, match="lr must"):
         load_config({**TINY, "recipe": {"lr": -1.0}})
+
+
+def test_a_sweep_with_attacks_and_white_box_audits(tmp_path):
+    cfg = {**TINY, "attacks": {"mia": {"shadows": 2}, "white_box": {"canaries": 2000}}}
+    out = tmp_path / "sweep"
+    rows = run_sweep(cfg, out, progress=False)
+    for r in rows:
+        assert 0.0 <= r["mia_tpr_at_1%"] <= 1.0 and 0.0 <= r["mia_best_auc"] <= 1.0
+        assert r["mia_epsilon_lb_cp"] >= 0.0 and r["whitebox_epsilon_lb"] >= 0.0
+    assert rows[0]["whitebox_epsilon_lb"] >= 3  # ε = ∞: the canaries separate exactly
+    assert rows[1]["whitebox_epsilon_lb"] <= rows[1]["epsilon"]
+    for name in ("attacks.png", "attacks.svg", "audit.png", "audit.svg"):
+        assert (out / name).stat().st_size > 0
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert len(page.images) == 3
+    assert (out / "shadows").is_dir() and any((out / "shadows").iterdir())
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["whitebox_epsilon_lb"]) == pytest.approx(rows[1]["whitebox_epsilon_lb"])
+    # continuing reads every report back: nothing is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("report.json")}
+    run_sweep(cfg, out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("report.json")} == stamps
+
+
+def test_attack_options_are_checked():
+    with pytest.raises(Exception) as info:
+        load_config({**TINY, "attacks": {"mia": {"shadows": 1, "extra": 2}, "lira": {}}})
+    message = str(info.value)
+    for part in ("shadows must be an integer >= 2", "unknown option 'extra'", "unknown attack 'lira'"):
+        assert part in message
