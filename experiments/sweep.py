@@ -181,7 +181,10 @@ def cell_dir(out: Path, variant: str, seed: int, epsilon: float) -> Path:
 def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
               progress: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) every cell, then write results.csv, the plots and report.html."""
+    import shutil
+
     from dptrain import rundir
+    from dptrain.demo import run_plan
     from dptrain.figures import rendered
     from dptrain.outputs import check_writable
     from dptrain.trainer import RunSummary, train_run
@@ -208,13 +211,15 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     rows, correct = [], {}
     for variant, seed, eps in cells:
         where = cell_dir(out, variant, seed, eps)
-        if (where / rundir.PRIVACY).exists():
+        recipe = cfg.train_config(variant, seed, eps)
+        action = run_plan(where, recipe)  # as the demo: reuse, resume, or restart from scratch
+        if action == "reuse":
             summary = RunSummary.load(where)
         else:
-            resume = (where / rundir.CHECKPOINT).exists()
+            if action == "restart":
+                shutil.rmtree(where)
             where.parent.mkdir(parents=True, exist_ok=True)
-            summary = train_run(cfg.train_config(variant, seed, eps), where, resume=resume,
-                                progress=False)
+            summary = train_run(recipe, where, resume=action == "resume", progress=False)
         kept = where / "private" / "test_correct.npy"
         if summary.test_correct is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)

@@ -108,3 +108,26 @@ def test_attack_options_are_checked():
     message = str(info.value)
     for part in ("shadows must be an integer >= 2", "unknown option 'extra'", "unknown attack 'lira'"):
         assert part in message
+
+
+def test_a_killed_sweep_continues_without_retraining(tmp_path):
+    """A real SIGKILL while the second cell trains; the rerun keeps the first cell as it was."""
+    import hashlib
+
+    import yaml
+    from test_cli_reliability_attacks import dptrain, kill_when
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "epsilons": ["inf", 4, 2],
+                                      "recipe": {**TINY["recipe"], "epochs": 6}}))
+    out = tmp_path / "sweep"
+    first = out / "cells" / "default" / "seed0" / "epsinf" / "privacy.json"
+    second = out / "cells" / "default" / "seed0" / "eps4" / "config.json"
+    kill_when(["sweep", "--config", config, "--out", out, "--quiet"], second.exists)
+    assert first.exists() and not (out / "results.csv").exists()
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    proc = dptrain("sweep", "--config", config, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert hashlib.sha256(first.read_bytes()).hexdigest() == digest
+    with open(out / "results.csv") as f:
+        assert [r["target_epsilon"] for r in csv.DictReader(f)] == ["inf", "4.0", "2.0"]
