@@ -423,7 +423,7 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
             if all("mia_tpr_at_1%" in r for r in cells):
                 tpr = max(r["mia_tpr_at_1%"] for r in cells)
                 text += (f"; the best membership attack finds at most {100 * tpr:.1f}% of the "
-                         f"members at 1% false positives ({'about chance' if tpr <= 0.02 else 'above chance'})")
+                         "members at 1% false positives (chance: 1%)")
             if all("whitebox_epsilon_lb" in r for r in cells):
                 lb = max(r["whitebox_epsilon_lb"] for r in cells)
                 verdict = "a bug: above the claim" if lb > max(r["epsilon"] for r in cells) else "consistent"
