@@ -144,8 +144,11 @@ class DPOptimizer:
     def attach_canaries(self, canaries, steps: int) -> None:
         """Insert a white-box audit's gradient canaries (:class:`~dptrain.gradient_canaries.
         DiracCanaries`) into every following step, through this optimizer's clipping and noise."""
+        if self.sample_rate is None:
+            raise ConfigError("gradient canaries are Poisson-sampled at the run's rate: create the "
+                              "DPOptimizer with sample_rate (make_private does).")
         names = {id(p): n for n, p in self.clipper.model.named_parameters()}
-        canaries.bind(self.clipper.parameters, sample_rate=self.sample_rate or 1.0,
+        canaries.bind(self.clipper.parameters, sample_rate=self.sample_rate,
                       steps=steps,
                       noise_multiplier=self.noise_multiplier, sensitivity=self.clipper.sensitivity,
                       divisor=self.expected_batch_size,

@@ -276,3 +276,17 @@ def test_white_box_cli_refusals(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "use at most" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_canaries_need_the_runs_sample_rate():
+    from dptrain.engine import PerSampleClipper
+    from dptrain.errors import ConfigError
+    from dptrain.optimizer import DPOptimizer
+
+    model = _mlp()
+    clipper = PerSampleClipper(model)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), clipper, noise_multiplier=1.0,
+                      expected_batch_size=4)
+    with pytest.raises(ConfigError, match="sample_rate"):
+        opt.attach_canaries(DiracCanaries(10), steps=3)
+    clipper.detach()
