@@ -217,15 +217,20 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
     try:
         return _train_and_report(outputs, config, options, canaries, augmented, "train", progress)
     except DPTrainError:
-        if not (outputs.path / RUN / rundir.CONFIG).exists():
-            # The trainer refused the recipe (unknown model, batch larger than the data, ...)
-            # before writing anything: take the plan back, so that bad input leaves no trace.
-            if (outputs.path / RUN).is_dir() and not any((outputs.path / RUN).iterdir()):
-                (outputs.path / RUN).rmdir()
-            outputs.unclaim_dir(RUN)
-            outputs.remove(CANARIES)
-            outputs.remove(PLAN)
+        take_back_if_refused(outputs, (CANARIES, PLAN))
         raise
+
+
+def take_back_if_refused(outputs: OutputDir, written: tuple[str, ...]) -> None:
+    """The trainer refused the recipe (unknown model, batch larger than the data, ...) before
+    writing anything in DIR/run: remove what the audit wrote first, so bad input leaves no trace."""
+    if (outputs.path / RUN / rundir.CONFIG).exists():
+        return  # training had begun: keep everything for the user to see or resume
+    if (outputs.path / RUN).is_dir() and not any((outputs.path / RUN).iterdir()):
+        (outputs.path / RUN).rmdir()
+    outputs.unclaim_dir(RUN)
+    for name in written:
+        outputs.remove(name)
 
 
 def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:

@@ -38,17 +38,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from attacks.audit_run import PLAN, REPORT, RUN, SCORES_PNG  # the same layout as the natural audit
 from dptrain.errors import ConfigError, DPTrainError
 from dptrain.outputs import OutputDir
 
 COMMAND = "dptrain audit --white-box"
 DEFAULT_CANARIES = 100_000
 GUESS_FRACTIONS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
-PLAN = "audit.json"
-REPORT = "report.json"
-SCORES_PNG = "canary_scores.png"
 SECRETS = "canaries.npz"
-RUN = "run"
 VIEWS = ("all_iterates", "last_iterate")
 
 
@@ -202,7 +199,7 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
     text), ``canaries.npz`` (coins, signs, coordinates and scores: audit secrets), ``report.json``
     (last) and ``canary_scores.png``. Bad input raises before anything is written.
     """
-    from attacks.audit_run import check_new_audit_dir
+    from attacks.audit_run import check_new_audit_dir, take_back_if_refused
     from dptrain.gradient_canaries import DiracCanaries
     from dptrain.trainer import train_run
 
@@ -223,11 +220,7 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
         summary = train_run(config, outputs.path / RUN, gradient_canaries=canaries, progress=progress,
                             extra_info={"white_box_audit": {"canaries": m}})
     except DPTrainError:
-        if not (outputs.path / RUN / "config.json").exists():  # refused before writing: no trace
-            if (outputs.path / RUN).is_dir() and not any((outputs.path / RUN).iterdir()):
-                (outputs.path / RUN).rmdir()
-            outputs.unclaim_dir(RUN)
-            outputs.remove(PLAN)
+        take_back_if_refused(outputs, (PLAN,))
         raise
     train_seconds = time.monotonic() - started
     scores = {"all_iterates": canaries.all_iterates.copy(), "last_iterate": canaries.last_iterate()}
