@@ -484,7 +484,6 @@ class PerSampleClipper:
         the per-layer norms on: the same combination over layers (:meth:`total_norm_sq`), the same
         clip factors, the same ``p.grad`` the noise is added to. Returns the added values c_j·value_j.
         """
-        params = self.parameters
         modules = list(self._rules)
         module_of = torch.tensor([k for k, m in enumerate(modules) for _ in self._trainable[m]],
                                  dtype=torch.long)  # same order as self.parameters
@@ -494,13 +493,17 @@ class PerSampleClipper:
         parts = {m: torch.where(row_module == k, sq, 0.0) for k, m in enumerate(modules)}
         with torch.no_grad():
             added = self.clip_factors(self.total_norm_sq(parts).sqrt()) * value
-            for i in np.unique(param_index.numpy()).tolist():
-                p = params[i]
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                rows = param_index == i
-                p.grad.view(-1).index_add_(0, offset[rows], added[rows].to(p.grad.dtype))
+            add_at_coordinates(self.grads(), param_index, offset, added)
         return added
+
+    def grads(self) -> list[torch.Tensor]:
+        """``p.grad`` of every private parameter (zeros where none was formed yet), in the order
+        of :attr:`parameters`: the running clipped sum the noise is added to."""
+        params = self.parameters
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in params]
 
     def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
         """c_i = min(1, C/(||G_i|| + 1e-6)), or 1/(||G_i|| + γ) for automatic clipping."""
@@ -515,6 +518,14 @@ class PerSampleClipper:
             for call in calls:
                 call.state = state
             calls.clear()
+
+
+def add_at_coordinates(tensors: list[torch.Tensor], index: torch.Tensor, offset: torch.Tensor,
+                       values: torch.Tensor) -> None:
+    """``tensors[index[j]].flatten()[offset[j]] += values[j]`` for every j (in place)."""
+    for i in np.unique(index.numpy()).tolist():
+        rows = index == i
+        tensors[i].view(-1).index_add_(0, offset[rows], values[rows].to(tensors[i].dtype))
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -35,6 +35,7 @@ import math
 import numpy as np
 import torch
 
+from .engine import add_at_coordinates
 from .errors import ConfigError
 from .sampling import PoissonSampler
 
@@ -134,16 +135,8 @@ class DiracCanaries:
         """Before the noise: add this step's sampled, included canaries through the clipper.
 
         Returns how many canaries were added (the step's extra rows)."""
-        if self.sampler is None:
-            raise ConfigError("bind() the canaries to a run before training.")
-        if self.param_index is None:
-            self._choose(grads)
+        rows = self._next_rows(grads)
         self._before = self._gather(grads)
-        sampled = np.zeros(self.m, dtype=bool)
-        sampled[next(self._batches)] = True
-        rows = np.flatnonzero(sampled & self.included)
-        self.times_sampled[rows] += 1
-        self.last_added = int(rows.size)
         if rows.size:
             idx = torch.from_numpy(rows)
             value = torch.from_numpy(self.signs[rows] * self.spike * self.sensitivity)
@@ -152,19 +145,25 @@ class DiracCanaries:
 
     def insert_unclipped(self, grads: list[torch.Tensor]) -> int:
         """A non-private run's canaries: the raw spike, divided like the loss (by q·N)."""
+        rows = self._next_rows(grads)
+        self._before = self._gather(grads) * self.divisor
+        idx = torch.from_numpy(rows)
+        value = torch.from_numpy(self.signs[rows] * self.spike * self.sensitivity / self.divisor)
+        add_at_coordinates(grads, self.param_index[idx], self.offset[idx], value)
+        return int(rows.size)
+
+    def _next_rows(self, grads: list[torch.Tensor]) -> np.ndarray:
+        """This step's included canaries that Poisson sampling took (coordinates chosen first)."""
+        if self.sampler is None:
+            raise ConfigError("bind() the canaries to a run before training.")
         if self.param_index is None:
             self._choose(grads)
-        self._before = self._gather(grads) * self.divisor
         sampled = np.zeros(self.m, dtype=bool)
         sampled[next(self._batches)] = True
         rows = np.flatnonzero(sampled & self.included)
         self.times_sampled[rows] += 1
-        idx = torch.from_numpy(rows)
-        value = torch.from_numpy(self.signs[rows] * self.spike * self.sensitivity / self.divisor)
-        for i in np.unique(self.param_index[idx].numpy()).tolist():
-            sel = self.param_index[idx] == i
-            grads[i].view(-1).index_add_(0, self.offset[idx][sel], value[sel].to(grads[i].dtype))
-        return int(rows.size)
+        self.last_added = int(rows.size)
+        return rows
 
     def observe(self, released: list[torch.Tensor]) -> None:
         """After the release (noise added, divided): update the all-iterates scores."""

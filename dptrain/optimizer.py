@@ -120,11 +120,7 @@ class DPOptimizer:
             self.ledger.check_step(self.noise_multiplier, self.sample_rate)
         self._check_rows()
         if self.canaries is not None:  # a white-box audit's gradient canaries join the clipped sum
-            params = self.clipper.parameters
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.canaries.insert(self.clipper, [p.grad for p in params])
+            self.canaries.insert(self.clipper, self.clipper.grads())
         grads = self.noisy_sum()
         self.scale(grads)
         if self.canaries is not None:
@@ -177,11 +173,7 @@ class DPOptimizer:
 
     def noisy_sum(self) -> list[torch.Tensor]:
         """Stage 'noise': ``p.grad += N(0, (σS)²)`` for every private parameter, in place."""
-        params = self.clipper.parameters
-        for p in params:
-            if p.grad is None:  # an empty logical batch still releases (pure) noise
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
+        grads = self.clipper.grads()  # an empty logical batch still releases (pure) noise
         self.noise.add_(grads, self.noise_multiplier * self.clipper.sensitivity)
         return grads
 

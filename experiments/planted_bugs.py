@@ -63,13 +63,13 @@ def plant(bug: str | None, dp, canaries: DiracCanaries, seed: int) -> None:
         return
     if bug == "half_sigma":
         def noisy_sum():
-            grads = _zero_filled(clipper)
+            grads = clipper.grads()
             opt.noise.add_(grads, 0.5 * sigma * sens)
             return grads
         opt.noisy_sum = noisy_sum
     elif bug == "two_ranks":
         def noisy_sum():
-            grads = _zero_filled(clipper)
+            grads = clipper.grads()
             opt.noise.add_(grads, 0.5 * sigma * sens)  # rank 0
             opt.noise.add_(grads, 0.5 * sigma * sens)  # rank 1: variances add to σ²C²/2
             return grads
@@ -91,13 +91,6 @@ def plant(bug: str | None, dp, canaries: DiracCanaries, seed: int) -> None:
         opt.expected_rows = lambda: dp.sampler.last_batch_size
     else:
         raise ValueError(f"unknown bug {bug!r}; choose from {', '.join(BUGS)}.")
-
-
-def _zero_filled(clipper) -> list[torch.Tensor]:
-    for p in clipper.parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    return [p.grad for p in clipper.parameters]
 
 
 def audit_engine(bug: str | None, epsilon: float, *, m: int = 10**6, seed: int = 0,
