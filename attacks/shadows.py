@@ -335,12 +335,57 @@ def ensure_shadows(
 
     ``root`` is the directory under which ``<key>/`` lives (default :func:`default_root`).
     """
-    from dptrain.data import IntentData, Split
-    from dptrain.trainer import train_run
-
     k = check_n_shadows(n_shadows)
     seed = _check_seed(seed)
     started = time.monotonic()
+    cache, key, in_mask = _prepare_cache(target, k, root, seed)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k, desc="shadow models", unit="model", dynamic_ncols=True, leave=True)
+    reused, resumed, trained, signals = [], [], [], []
+    try:
+        for index in range(k):
+            out = _shadow_dir(cache, index)
+            if bar is not None:
+                bar.set_description(f"shadow {index}: {_DOING[_shadow_state(out, np.flatnonzero(in_mask[index]))]}")
+            state = _train_missing(target, cache, key, in_mask, index, seed)
+            {"finished": reused, "stopped": resumed}.get(state, trained).append(index)
+            signals.append(_shadow_signals(out, target))
+            if bar is not None:
+                bar.set_postfix_str(f"reused {len(reused)}, trained {len(trained) + len(resumed)}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if progress:
+        print(f"shadow models in {cache}: reused {_ranges(reused)}; resumed {_ranges(resumed)}; "
+              f"trained {_ranges(trained)}")
+    return ShadowSet(
+        cache_dir=cache, key=key, seed=seed, in_mask=in_mask, signals=tuple(signals),
+        reused=tuple(reused), resumed=tuple(resumed), trained=tuple(trained),
+        seconds=time.monotonic() - started)
+
+
+def train_shadow(target: TargetRun, n_shadows: int, index: int, *, root: str | Path | None = None,
+                 seed: int = 0) -> str:
+    """Make shadow ``index`` of ``target``'s cache finished, as :func:`ensure_shadows` would, and
+    say what that took ("finished": nothing; "new", "stopped", "stale": trained, resumed,
+    restarted). Touches only that shadow's directory (and writes the same cache.json), so the
+    shadows of one cache can train in parallel processes or on other machines."""
+    k = check_n_shadows(n_shadows)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < k:
+        raise ConfigError(f"shadow index must be an integer in [0, {k}), got {index!r}.")
+    seed = _check_seed(seed)
+    cache, key, in_mask = _prepare_cache(target, k, root, seed)
+    return _train_missing(target, cache, key, in_mask, index, seed)
+
+
+def _prepare_cache(target: TargetRun, k: int, root, seed: int):
+    """The cache directory, its key and the K x N assignment; refuses a recipe shadows cannot
+    follow; writes (or checks) cache.json."""
     inputs = cache_inputs(target, seed)
     key = cache_key(target, seed)
     cache = Path(root) if root is not None else default_root(target.run_dir)
@@ -356,55 +401,38 @@ def ensure_shadows(
             "cannot follow this recipe."
         )
     _check_or_write_cache_file(cache, inputs)
+    return cache, key, in_mask
+
+
+def _train_missing(target: TargetRun, cache: Path, key: str, in_mask: np.ndarray, index: int,
+                   seed: int) -> str:
+    """Train, resume or restart shadow ``index`` unless it is finished; return its prior state."""
+    from dptrain.data import IntentData, Split
+    from dptrain.trainer import train_run
+
+    out = _shadow_dir(cache, index)
+    ids = np.flatnonzero(in_mask[index])
+    state = _shadow_state(out, ids)
+    if state == "finished":
+        return state
     pop = target.population
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=k, desc="shadow models", unit="model", dynamic_ncols=True, leave=True)
-    reused, resumed, trained, signals = [], [], [], []
-    try:
-        for index in range(k):
-            out = _shadow_dir(cache, index)
-            ids = np.flatnonzero(in_mask[index])
-            state = _shadow_state(out, ids)
-            if bar is not None:
-                bar.set_description(f"shadow {index}: {_DOING[state]}")
-            if state != "finished":
-                split = Split(tuple(pop.texts[i] for i in ids), pop.labels[ids])
-                data = IntentData(
-                    train=split, validation=target.data.validation, test=target.data.test,
-                    label_names=target.data.label_names,
-                    source=f"{target.data.source} (shadow {index}: half of the population)")
-                # reference models see the population only: never the target's secret canaries
-                config = dataclasses.replace(target.config, seed=shadow_seed(seed, index),
-                                             dp_seed=None, secrets=None)
-                extra = {"shadow": {"index": index, "cache_key": key, "assignment_seed": seed,
-                                    "population_fingerprint": target.population_fingerprint,
-                                    "note": "validation/test are the target's splits and overlap "
-                                            "this model's training half: not held-out figures"}}
-                if state == "stale":
-                    shutil.rmtree(out)
-                train_run(config, out, resume=state == "stopped", data=data, member_ids=ids,
-                          progress=False, extra_info=extra)
-                (resumed if state == "stopped" else trained).append(index)
-            else:
-                reused.append(index)
-            signals.append(_shadow_signals(out, target))
-            if bar is not None:
-                bar.set_postfix_str(f"reused {len(reused)}, trained {len(trained) + len(resumed)}")
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    if progress:
-        print(f"shadow models in {cache}: reused {_ranges(reused)}; resumed {_ranges(resumed)}; "
-              f"trained {_ranges(trained)}")
-    return ShadowSet(
-        cache_dir=cache, key=key, seed=seed, in_mask=in_mask, signals=tuple(signals),
-        reused=tuple(reused), resumed=tuple(resumed), trained=tuple(trained),
-        seconds=time.monotonic() - started)
+    split = Split(tuple(pop.texts[i] for i in ids), pop.labels[ids])
+    data = IntentData(
+        train=split, validation=target.data.validation, test=target.data.test,
+        label_names=target.data.label_names,
+        source=f"{target.data.source} (shadow {index}: half of the population)")
+    # reference models see the population only: never the target's secret canaries
+    config = dataclasses.replace(target.config, seed=shadow_seed(seed, index),
+                                 dp_seed=None, secrets=None)
+    extra = {"shadow": {"index": index, "cache_key": key, "assignment_seed": seed,
+                        "population_fingerprint": target.population_fingerprint,
+                        "note": "validation/test are the target's splits and overlap "
+                                "this model's training half: not held-out figures"}}
+    if state == "stale":
+        shutil.rmtree(out)
+    train_run(config, out, resume=state == "stopped", data=data, member_ids=ids,
+              progress=False, extra_info=extra)
+    return state
 
 
 _DOING = {"new": "training", "stopped": "resuming", "stale": "restarting", "finished": "reused"}

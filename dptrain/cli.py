@@ -147,13 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep", help="privacy-utility sweep: an epsilon grid x seeds x recipe variants from one "
         "YAML config, to results.csv, plots and report.html",
-        description="Trains every (variant, seed, epsilon) cell of the config (finished cells "
-        "are reused, stopped ones resumed: rerun the same command after a crash), then writes "
-        "DIR/results.csv, DIR/accuracy.png/.svg and DIR/report.html. See "
-        "experiments/configs/ for examples.")
+        description="Trains every (variant, seed, epsilon) cell of the config and runs its "
+        "attacks and audits (finished jobs are reused, stopped runs resumed: rerun the same "
+        "command after a crash), then writes DIR/results.csv, DIR/timing.json, the plots "
+        "(.png/.svg) and DIR/report.html. See experiments/configs/ for examples.")
     sweep.add_argument("--config", required=True, type=Path, help="the sweep's YAML file")
     sweep.add_argument("--out", required=True, type=Path, help="sweep directory (created, or "
                        "the same sweep's directory to continue it)")
+    sweep.add_argument("--workers", type=_integer, default=1, help="local backend: jobs run "
+                       "at once in a process pool (default: 1, in this process: one training "
+                       "run already uses every core)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local (default) or ray: one Ray task per job on the cluster named "
+                       "by RAY_ADDRESS / --ray-address, else a local Ray (pip install 'dptrain[ray]')")
+    sweep.add_argument("--threads-per-job", type=_integer, default=None, help="PyTorch threads "
+                       "(Ray: CPUs) per job (default: cores / workers; 1 on Ray)")
+    sweep.add_argument("--ray-address", default=None, help="the Ray cluster to join")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(handler=_cmd_sweep)
     attack = sub.add_parser("attack", help="attack a trained run: membership inference, "
@@ -333,17 +342,16 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep import REPORT, RESULTS, run_sweep
+    from experiments.sweep import run_sweep
+    from experiments.sweep_report import REPORT, RESULTS, summary_table
 
     from .summary import print_rows
 
-    rows = run_sweep(args.config, args.out, progress=not args.quiet)
-    keys = ("variant", "seed", "target_epsilon", "epsilon", "accuracy", "macro_f1",
-            "worst_class_recall", "negative_flip_rate")
-    table = [list(keys)] + [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-                            for r in rows]
-    print_rows(table)
-    print(f"sweep written to {args.out}: {RESULTS}, accuracy.png, {REPORT}")
+    rows = run_sweep(args.config, args.out, progress=not args.quiet, workers=args.workers,
+                     backend=args.backend, threads_per_job=args.threads_per_job,
+                     ray_address=args.ray_address)
+    print_rows(summary_table(rows))
+    print(f"sweep written to {args.out}: {RESULTS}, timing.json, plots (*.png, *.svg), {REPORT}")
     return 0
 
 

@@ -12,29 +12,34 @@ The config (checked once, up front, every problem in one message; unknown keys a
     variants:                        # optional: name -> TrainConfig fields (default: one, "default")
       head: {trainable: head}
       full: {trainable: all}
+    attacks:                         # optional, each with its options
+      mia: {shadows: 8}              # LiRA, RMIA and loss; shadow models shared by the cells that can
+      audit: {canaries: 1000}        # natural one-run audit (Steinke et al. 2023), its own run
+      white_box: {}                  # white-box audit with gradient canaries, its own run
+      extraction: {secrets: "repetitions=1,5,20;per_repetition=2;length=4"}   # planted in the cell
 
-Each cell (variant, seed, ε) is one ``train_run`` in ``DIR/cells/<variant>/seed<s>/eps<ε>``;
-a finished cell is never retrained and a stopped one resumes from its checkpoint, so a sweep
-killed at any point continues where it stopped. Per cell, ``DIR/results.csv`` gets one row:
-ε target and spent, δ, σ, q, steps, accuracy, macro-F1, worst-class recall and the spread of
-per-class recall, the negative-flip rate against the non-private cell of the same variant and
-seed (test examples it gets right and this cell gets wrong: what a team shipping an update
-notices), and the cell's training time. ``DIR/accuracy.png``/``.svg`` plot accuracy against ε with
-seed error bars and the non-private line; ``DIR/report.html`` is one self-contained page (plots
-embedded) with the table, the configuration and a plain-language reading of the numbers.
+Each cell (variant, seed, ε) is one ``train_run`` in ``DIR/cells/<variant>/seed<s>/eps<ε>``, with
+the extraction's secret canaries planted in its training data. The audits need their own runs
+(their canaries would change the model the other numbers describe): ``DIR/audits/…`` and
+``DIR/whitebox/…``. The work is a list of jobs in stages — train the cells; then shadow models,
+audits and extraction; then membership inference — run by :mod:`experiments.sweep_backends`
+(this process, a local process pool, or Ray). A finished job is never redone and a stopped
+training resumes from its checkpoint, so a sweep killed at any point continues where it stopped.
+
+Outputs: ``DIR/results.csv`` (one row per cell: ε target and spent, δ, σ, q, steps, accuracy,
+macro-F1, worst-class recall and the spread of per-class recall, the negative-flip rate against
+the non-private cell of the same variant and seed, the membership attacks' AUC and TPR at low
+FPR with their empirical ε, the audits' ε lower bounds, exposure and extraction rate per
+repetition count, and seconds per stage), ``DIR/timing.json`` (where the time went), PNG + SVG
+plots and ``DIR/report.html`` (:mod:`experiments.sweep_report`).
 
 Per test example the sweep keeps only whether each cell got it right
 (``cells/.../private/test_correct.npy``), for the flip rates; nothing about training examples.
-Membership attacks, audits and secret extraction per cell are the next step of this runner
-(``dptrain attack``/``audit`` run on any cell directory meanwhile).
 """
 
 from __future__ import annotations
 
-import base64
-import csv
 import dataclasses
-import html
 import io
 import json
 import math
@@ -46,15 +51,13 @@ import numpy as np
 from dptrain.errors import ConfigError
 
 KEYS = {"name", "data", "model", "epsilons", "seeds", "recipe", "variants", "attacks"}
-ATTACK_KEYS = {"mia": {"shadows"}, "white_box": {"canaries"}}
-RESULTS = "results.csv"
-REPORT = "report.html"
+ATTACK_KEYS = {"mia": {"shadows"}, "audit": {"canaries"}, "white_box": {"canaries"},
+               "extraction": {"secrets", "methods"}}
+DEFAULT_SECRETS = "repetitions=1,5,20;per_repetition=2;length=4"
+"""Secret canaries a sweep plants when ``attacks.extraction`` names none: 4-digit PINs."""
 PLAN = "sweep.json"
-COLUMNS = ("variant", "seed", "target_epsilon", "epsilon", "delta", "noise_multiplier",
-           "sample_rate", "steps", "accuracy", "macro_f1", "worst_class_recall",
-           "class_recall_spread", "negative_flip_rate", "seconds",
-           "mia_best_auc", "mia_tpr_at_0.1%", "mia_tpr_at_1%", "mia_epsilon_lb_cp",
-           "mia_epsilon_lb_gdp", "mia_seconds", "whitebox_epsilon_lb", "whitebox_seconds")
+TIMING = "timing.json"
+STAGES = ("train", "shadows", "audit", "white_box", "extraction", "mia")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +76,21 @@ class SweepConfig:
         order = sorted(self.epsilons, key=lambda e: (not math.isinf(e), -e))
         return [(v, s, e) for v in self.variants for s in self.seeds for e in order]
 
-    def train_config(self, variant: str, seed: int, epsilon: float):
+    def train_config(self, variant: str, seed: int, epsilon: float, *, secrets: bool = True):
+        """The cell's recipe; with the extraction's secrets planted unless ``secrets`` is False
+        (the audits' own runs)."""
         from dptrain.trainer import TrainConfig
 
-        return TrainConfig(**{"data": self.data, "model": self.model, **self.recipe,
-                              **self.variants[variant], "epsilon": epsilon, "seed": seed})
+        fields = {"data": self.data, "model": self.model, **self.recipe, **self.variants[variant],
+                  "epsilon": epsilon, "seed": seed}
+        if "extraction" in self.attacks:
+            fields["secrets"] = self.secrets if secrets else None
+        return TrainConfig(**fields)
+
+    @property
+    def secrets(self) -> str | None:
+        options = self.attacks.get("extraction")
+        return None if options is None else options.get("secrets", DEFAULT_SECRETS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "data": self.data, "model": self.model,
@@ -154,6 +167,8 @@ def load_config(source: str | Path | dict) -> SweepConfig:
             value = options.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 problems.append(f"attacks.{name}.{key} must be an integer >= {low}, got {value!r}")
+        if name == "extraction":
+            problems += _extraction_problems(options, recipe, variants)
     if not problems:
         for variant in variants:  # each recipe is checked by TrainConfig itself
             try:
@@ -170,6 +185,28 @@ def load_config(source: str | Path | dict) -> SweepConfig:
                        attacks={str(k): dict(v or {}) for k, v in attacks.items()})
 
 
+def _extraction_problems(options: dict[str, Any], recipe: Any, variants: Any) -> list[str]:
+    from attacks.extraction import METHODS
+    from dptrain.secret_canaries import parse_spec
+
+    problems = []
+    planted = [label for label, fields in [("recipe", recipe)] + list(
+        variants.items() if isinstance(variants, dict) else []) if isinstance(fields, dict)
+        and fields.get("secrets") is not None]
+    if planted:
+        problems.append(f"{', '.join(planted)} plant secrets and attacks.extraction does too: "
+                        "give them once, as attacks.extraction.secrets")
+    try:
+        parse_spec(options.get("secrets", DEFAULT_SECRETS))
+    except ConfigError as exc:
+        problems.append(f"attacks.extraction.secrets: {str(exc).rstrip('.')}")
+    methods = options.get("methods", ["enumerate"])
+    if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
+        problems.append(f"attacks.extraction.methods must be a list of {', '.join(METHODS)}, "
+                        f"got {methods!r}")
+    return problems
+
+
 def _tag(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
@@ -178,18 +215,183 @@ def cell_dir(out: Path, variant: str, seed: int, epsilon: float) -> Path:
     return out / "cells" / variant / f"seed{seed}" / f"eps{_tag(epsilon)}"
 
 
-def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or continue) every cell, then write results.csv, the plots and report.html."""
+def _cell_path(out: Path, kind: str, cell: tuple[str, int, float]) -> Path:
+    """Where a cell's own run (kind "cells") or one of its audits ("audits", "whitebox") lives."""
+    variant, seed, eps = cell
+    return Path(out) / kind / variant / f"seed{seed}" / f"eps{_tag(eps)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: each reads and writes files under the sweep directory only, and does nothing when done
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One unit of a sweep's work, small and picklable (for process pools and Ray)."""
+
+    stage: str
+    out: str
+    config: dict
+    cell: tuple[str, int, float]
+    shadow: int = -1  # stage "shadows": which shadow model of the cell's cache
+
+    @property
+    def name(self) -> str:
+        variant, seed, eps = self.cell
+        name = f"{self.stage} {variant}/seed{seed}/ε={_tag(eps)}"
+        return name + (f" #{self.shadow}" if self.stage == "shadows" else "")
+
+
+def run_job(job: Job) -> bool:
+    """Do the job unless it is done; True when it did work."""
+    cfg = load_config(job.config)
+    out = Path(job.out)
+    return _STAGE_RUNNERS[job.stage](cfg, out, job)
+
+
+def _train_cell(cfg: SweepConfig, out: Path, job: Job) -> bool:
     import shutil
 
-    from dptrain import rundir
     from dptrain.demo import run_plan
-    from dptrain.figures import rendered
+    from dptrain.trainer import train_run
+
+    where = cell_dir(out, *job.cell)
+    recipe = cfg.train_config(*job.cell)
+    action = run_plan(where, recipe)  # as the demo: reuse, resume, or restart from scratch
+    if action == "reuse":
+        return False
+    if action == "restart":
+        shutil.rmtree(where)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    summary = train_run(recipe, where, resume=action == "resume", progress=False)
+    if summary.test_correct is not None:
+        from dptrain import rundir
+
+        buf = io.BytesIO()
+        np.save(buf, summary.test_correct)
+        rundir.write_bytes_atomic(where / "private" / "test_correct.npy", buf.getvalue())
+    return True
+
+
+def _train_shadow(cfg: SweepConfig, out: Path, job: Job) -> bool:
+    from attacks.shadows import load_target, train_shadow
+
+    target = load_target(cell_dir(out, *job.cell))
+    return train_shadow(target, cfg.attacks["mia"].get("shadows", 8), job.shadow,
+                        root=out / "shadows") != "finished"
+
+
+def _membership(cfg: SweepConfig, out: Path, job: Job) -> bool:
+    """LiRA, RMIA and loss on the cell; shadows come from the sweep's one cache (trained by the
+    shadow jobs before, so this only scores)."""
+    from attacks.membership import run_membership_inference
+
+    cell = cell_dir(out, *job.cell)
+    if (cell / "attacks" / "report.json").exists():
+        return False
+    run_membership_inference(cell, cell / "attacks", n_shadows=cfg.attacks["mia"].get("shadows", 8),
+                             shadow_dir=out / "shadows", progress=False)
+    return True
+
+
+def _natural_audit(cfg: SweepConfig, out: Path, job: Job) -> bool:
+    """The one-run audit with natural canaries (its own run); a stopped one is resumed."""
+    import shutil
+
+    from attacks.audit_run import PLAN as AUDIT_PLAN, REPORT as AUDIT_REPORT, AuditRunOptions, \
+        resume_audit, run_audit
+
+    where = _cell_path(out, "audits", job.cell)
+    if (where / AUDIT_REPORT).exists():
+        return False
+    if (where / AUDIT_PLAN).exists():
+        resume_audit(where, progress=False)
+        return True
+    if where.exists():
+        shutil.rmtree(where)  # the sweep's own audit, stopped before it wrote its plan
+    where.parent.mkdir(parents=True, exist_ok=True)
+    run_audit(cfg.train_config(*job.cell, secrets=False), where,
+              AuditRunOptions(canaries=cfg.attacks["audit"].get("canaries")), progress=False)
+    return True
+
+
+def _white_box(cfg: SweepConfig, out: Path, job: Job) -> bool:
+    """A white-box audit of the cell's recipe (its own training run with gradient canaries).
+    One that stopped cannot resume (its coins must stay unused) and starts again."""
+    import shutil
+
+    from attacks.whitebox_audit import WhiteBoxOptions, run_white_box_audit
+
+    where = _cell_path(out, "whitebox", job.cell)
+    if (where / "report.json").exists():
+        return False
+    if where.exists():
+        shutil.rmtree(where)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    run_white_box_audit(cfg.train_config(*job.cell, secrets=False), where,
+                        WhiteBoxOptions(canaries=cfg.attacks["white_box"].get("canaries")),
+                        progress=False)
+    return True
+
+
+def _extraction(cfg: SweepConfig, out: Path, job: Job) -> bool:
+    """Rank and recover every secret planted in the cell (white-box: the attacker holds the
+    weights and knows each secret's prefix, length, candidates and label)."""
+    from attacks.extraction import run_extraction
+
+    cell = cell_dir(out, *job.cell)
+    if (cell / "extraction" / "report.json").exists():
+        return False
+    run_extraction(cell, cell / "extraction", methods=cfg.attacks["extraction"].get(
+        "methods", ["enumerate"]), progress=False)
+    return True
+
+
+_STAGE_RUNNERS = {"train": _train_cell, "shadows": _train_shadow, "audit": _natural_audit,
+                  "white_box": _white_box, "extraction": _extraction, "mia": _membership}
+
+
+def plan_jobs(cfg: SweepConfig, out: Path, stage: str) -> list[Job]:
+    """The jobs of one stage. Shadow jobs need the cells trained: one job per shadow model of
+    each distinct cache (cells whose recipe and population agree share their shadows)."""
+    base = {"out": str(out), "config": cfg.to_dict()}
+    cells = cfg.cells()
+    if stage == "train":
+        return [Job("train", cell=c, **base) for c in cells]
+    wanted = {"audit": "audit", "white_box": "white_box", "extraction": "extraction", "mia": "mia",
+              "shadows": "mia"}[stage]
+    if wanted not in cfg.attacks:
+        return []
+    if stage != "shadows":
+        return [Job(stage, cell=c, **base) for c in cells]
+    from attacks.shadows import cache_key, load_target
+
+    first: dict[str, tuple[str, int, float]] = {}
+    for c in cells:
+        first.setdefault(cache_key(load_target(cell_dir(out, *c))), c)
+    k = cfg.attacks["mia"].get("shadows", 8)
+    return [Job("shadows", cell=c, shadow=i, **base) for c in first.values() for i in range(k)]
+
+
+def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
+              progress: bool = True, workers: int = 1, backend: str = "local",
+              threads_per_job: int | None = None, ray_address: str | None = None) -> list[dict[str, Any]]:
+    """Run (or continue) every job, then write results.csv, timing.json, the plots and report.html.
+
+    ``workers``/``backend``/``threads_per_job``/``ray_address``: where the jobs run
+    (:mod:`experiments.sweep_backends`). Returns one row per cell (as in results.csv).
+    """
+    import time
+
+    from dptrain import rundir
     from dptrain.outputs import check_writable
-    from dptrain.trainer import RunSummary, train_run
+
+    from experiments import sweep_report
+    from experiments.sweep_backends import Executor, check
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
+    check(backend, workers, threads_per_job)
     out = Path(out_dir)
     check_writable(out, f"--out {out}")
     if (out / PLAN).exists():
@@ -202,66 +404,84 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_json(out / PLAN, cfg.to_dict())
 
-    cells = cfg.cells()
+    stages: dict[str, dict[str, Any]] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cells), desc="sweep cells", unit="cell")
-    rows, correct = [], {}
-    for variant, seed, eps in cells:
-        where = cell_dir(out, variant, seed, eps)
-        recipe = cfg.train_config(variant, seed, eps)
-        action = run_plan(where, recipe)  # as the demo: reuse, resume, or restart from scratch
-        if action == "reuse":
-            summary = RunSummary.load(where)
-        else:
-            if action == "restart":
-                shutil.rmtree(where)
-            where.parent.mkdir(parents=True, exist_ok=True)
-            summary = train_run(recipe, where, resume=action == "resume", progress=False)
-        kept = where / "private" / "test_correct.npy"
-        if summary.test_correct is not None:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            np.save(kept, summary.test_correct)
-        correct[(variant, seed, eps)] = np.load(kept) if kept.exists() else None
-        row = _row(variant, seed, eps, summary, correct)
-        if "mia" in cfg.attacks:
-            row.update(_membership(where, out / "shadows", cfg.attacks["mia"]))
-        if "white_box" in cfg.attacks:
-            row.update(_white_box(cfg, out, variant, seed, eps))
-        rows.append(row)
+        bar = tqdm(total=0, desc="sweep", unit="job", dynamic_ncols=True)
+    with Executor(backend, workers, threads_per_job, ray_address) as executor:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix({"last": f"{variant}/seed{seed}/ε={_tag(eps)}",
-                             "acc": f"{rows[-1]['accuracy']:.3f}"}, refresh=False)
+            bar.write(f"[sweep] {len(cfg.cells())} cells; jobs run in {executor.describe()}")
+        for stage in STAGES:
+            jobs = plan_jobs(cfg, out, stage)
+            if not jobs:
+                continue
+            started, ran = time.monotonic(), []
+
+            def done(job: Job, did_work: bool) -> None:
+                ran.append(did_work)
+                if bar is not None:
+                    bar.set_description(f"sweep: {stage}")
+                    bar.set_postfix_str(f"{job.name} {'done' if did_work else 'reused'}",
+                                        refresh=False)
+                    bar.update(1)
+
+            if bar is not None:
+                bar.total += len(jobs)
+                bar.refresh()
+            executor.map(run_job, jobs, done)
+            stages[stage] = {"jobs": len(jobs), "ran": sum(ran),
+                             "wall_seconds": time.monotonic() - started}
     if bar is not None:
         bar.close()
-    write_results(out, rows)
-    figures = {"accuracy": rendered(accuracy_figure(rows))}
-    if "mia" in cfg.attacks:
-        figures["attacks"] = rendered(attacks_figure(rows))
-    if cfg.attacks:
-        figures["audit"] = rendered(audit_figure(rows))
-    for name, files in figures.items():
-        for fmt, data in files.items():
-            rundir.write_bytes_atomic(out / f"{name}.{fmt}", data)
-    rundir.write_bytes_atomic(out / REPORT, report_html(cfg, rows, figures).encode("utf-8"))
+    started = time.monotonic()
+    rows = collect_rows(cfg, out)
+    work = work_seconds(cfg, out, rows)
+    sweep_report.write_all(cfg, out, rows, per_class_points(cfg, out), work)
+    stages["report"] = {"jobs": 1, "ran": 1, "wall_seconds": time.monotonic() - started}
+    rundir.write_json(out / TIMING, {
+        "description": "where the sweep's time went: work_seconds adds up every job's own "
+                       "seconds as its run directory and reports record them (so it survives "
+                       "a restart); wall_seconds is this invocation's, which skips finished jobs",
+        "backend": executor.describe(), "this_invocation": stages, "work_seconds": work,
+    })
     return rows
 
 
-def _membership(cell: Path, shadows: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Membership inference on a cell (reused when its report exists); shadow models live in
-    one cache for the whole sweep, keyed by recipe and data, so cells that can share them do."""
-    from attacks.membership import run_membership_inference
+# --------------------------------------------------------------------------------------------
+# Rows: everything read back from the files the jobs wrote
+# --------------------------------------------------------------------------------------------
+
+
+def collect_rows(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
+    from dptrain.trainer import RunSummary
+
+    correct = {}
+    for c in cfg.cells():
+        kept = cell_dir(out, *c) / "private" / "test_correct.npy"
+        correct[c] = np.load(kept) if kept.exists() else None
+    rows = []
+    for c in cfg.cells():
+        where = cell_dir(out, *c)
+        row = _row(*c, RunSummary.load(where), correct)
+        row["train_seconds"] = row.pop("seconds")
+        if "mia" in cfg.attacks:
+            row.update(_membership_fields(where / "attacks" / "report.json"))
+        if "audit" in cfg.attacks:
+            row.update(_audit_fields(_cell_path(out, "audits", c)))
+        if "white_box" in cfg.attacks:
+            row.update(_white_box_fields(_cell_path(out, "whitebox", c) / "report.json"))
+        if "extraction" in cfg.attacks:
+            row.update(_extraction_fields(where / "extraction" / "report.json"))
+        rows.append(row)
+    return rows
+
+
+def _membership_fields(report_path: Path) -> dict[str, Any]:
     from attacks.metrics import fpr_key
 
-    report_path = cell / "attacks" / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
-    else:
-        report = run_membership_inference(cell, cell / "attacks", n_shadows=options.get("shadows", 8),
-                                          shadow_dir=shadows, progress=False)
+    report = json.loads(report_path.read_text())
     attacks = report["attacks"].values()
     return {
         "mia_best_auc": max(a["auc"] for a in attacks),
@@ -273,26 +493,81 @@ def _membership(cell: Path, shadows: Path, options: dict[str, Any]) -> dict[str,
     }
 
 
-def _white_box(cfg: SweepConfig, out: Path, variant: str, seed: int, eps: float) -> dict[str, Any]:
-    """A white-box audit of the cell's recipe (its own training run with gradient canaries).
-    A finished one is read back; one that stopped cannot resume and starts again."""
-    import shutil
+def _audit_fields(where: Path) -> dict[str, Any]:
+    from attacks.audit_run import REPORT as AUDIT_REPORT, RUN
+    from dptrain.trainer import RunSummary
 
-    from attacks.whitebox_audit import WhiteBoxOptions, run_white_box_audit
+    report = json.loads((where / AUDIT_REPORT).read_text())
+    return {"audit_epsilon_lb": report["one_run"]["epsilon_lb"],
+            "audit_seconds": RunSummary.load(where / RUN).seconds}
 
-    where = out / "whitebox" / variant / f"seed{seed}" / f"eps{_tag(eps)}"
-    if (where / "report.json").exists():
-        report = json.loads((where / "report.json").read_text())
-    else:
-        if where.exists():
-            shutil.rmtree(where)  # the sweep's own stopped audit: its coins were never used
-        where.parent.mkdir(parents=True, exist_ok=True)
-        report = run_white_box_audit(cfg.train_config(variant, seed, eps), where,
-                                     WhiteBoxOptions(canaries=cfg.attacks["white_box"].get("canaries")),
-                                     progress=False)
+
+def _white_box_fields(report_path: Path) -> dict[str, Any]:
+    report = json.loads(report_path.read_text())
     seconds = report.get("seconds", {})
     return {"whitebox_epsilon_lb": report["epsilon_lb"],
             "whitebox_seconds": sum(v for v in seconds.values() if isinstance(v, (int, float)))}
+
+
+def _extraction_fields(report_path: Path) -> dict[str, Any]:
+    """Per repetition count R: mean exposure (bits) and the share of secrets recovered exactly
+    (by enumeration when it ran, else by the relaxation); uncalibrated scores."""
+    report = json.loads(report_path.read_text())
+    fields: dict[str, Any] = {"extraction_seconds": report.get("seconds")}
+    for r, entry in report["by_repetitions"].items():
+        raw = entry.get("raw", {})
+        method = raw.get("enumeration") or raw.get("relaxation") or {}
+        fields[f"exposure_r{r}"] = raw.get("mean_exposure")
+        fields[f"extracted_r{r}"] = method.get("exact_match_rate")
+    return fields
+
+
+def per_class_points(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
+    """Per private cell and class: the class's training examples and the recall it lost against
+    the non-private cell of the same variant and seed (Bagdasaryan et al. 2019: DP costs the
+    small classes most)."""
+    from dptrain.data import load_intent_data
+    from dptrain.trainer import RunSummary
+
+    sizes: dict[tuple, dict[str, int]] = {}
+    points = []
+    for variant, seed, eps in cfg.cells():
+        if math.isinf(eps) or math.inf not in cfg.epsilons:
+            continue
+        recipe = cfg.train_config(variant, seed, eps)
+        key = (recipe.data, recipe.seed, recipe.synthetic_per_intent, recipe.text_column,
+               recipe.label_column)
+        if key not in sizes:
+            data = load_intent_data(recipe.data, text_column=recipe.text_column,
+                                    label_column=recipe.label_column, seed=recipe.seed,
+                                    synthetic_per_intent=recipe.synthetic_per_intent)
+            counts = np.bincount(data.train.labels, minlength=len(data.label_names))
+            sizes[key] = {name: int(c) for name, c in zip(data.label_names, counts)}
+        ref = RunSummary.load(cell_dir(out, variant, seed, math.inf)).metrics.get("per_class", {})
+        mine = RunSummary.load(cell_dir(out, variant, seed, eps)).metrics.get("per_class", {})
+        for name, size in sizes[key].items():
+            if name in ref and name in mine and mine[name].get("support", 0) > 0:
+                points.append({"variant": variant, "seed": seed, "target_epsilon": eps,
+                               "class": name, "train_size": size,
+                               "recall_loss": ref[name]["recall"] - mine[name]["recall"]})
+    return points
+
+
+def work_seconds(cfg: SweepConfig, out: Path, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds of work per stage, from what the runs and reports recorded."""
+    from dptrain.trainer import RunSummary
+
+    total = {"train": sum(r["train_seconds"] for r in rows)}
+    for stage, key in (("mia", "mia_seconds"), ("audit", "audit_seconds"),
+                       ("white_box", "whitebox_seconds"), ("extraction", "extraction_seconds")):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            total[stage] = float(sum(values))
+    shadows = out / "shadows"
+    if shadows.is_dir():
+        total["shadows"] = float(sum(RunSummary.load(p.parent).seconds
+                                     for p in shadows.glob("*/shadow-*/privacy.json")))
+    return total
 
 
 def _row(variant, seed, eps, summary, correct) -> dict[str, Any]:
@@ -313,148 +588,3 @@ def _row(variant, seed, eps, summary, correct) -> dict[str, Any]:
     }
 
 
-def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("inf" if isinstance(r.get(k), float) and math.isinf(r[k]) else r.get(k, ""))
-                         for k in COLUMNS})
-    from dptrain import rundir
-
-    rundir.write_bytes_atomic(out / RESULTS, buf.getvalue().encode())
-
-
-def _by_epsilon(rows, variant, key):
-    """Finite ε targets, and the mean and standard deviation over seeds of ``key`` at each."""
-    eps = sorted({r["target_epsilon"] for r in rows if r["variant"] == variant
-                  and not math.isinf(r["target_epsilon"])})
-    vals = [[r[key] for r in rows if r["variant"] == variant and r["target_epsilon"] == e] for e in eps]
-    return eps, [float(np.mean(v)) for v in vals], [float(np.std(v)) for v in vals]
-
-
-def accuracy_figure(rows: list[dict[str, Any]]):
-    """Test accuracy against ε per variant (mean ± std over seeds), the non-private line dashed."""
-    from dptrain.figures import pyplot
-
-    fig, ax = pyplot().subplots(figsize=(6.5, 4))
-    _errorbars(ax, rows, "accuracy")
-    ax.set(xlabel="ε (target; δ fixed)", ylabel="test accuracy",
-           title="Privacy–utility (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _errorbars(ax, rows, key, label_suffix=""):
-    for k, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
-        eps, mean, std = _by_epsilon(rows, variant, key)
-        ref = [r[key] for r in rows if r["variant"] == variant and math.isinf(r["target_epsilon"])]
-        if eps:
-            ax.errorbar(eps, mean, yerr=std, marker="o", capsize=3, color=f"C{k}",
-                        label=f"{variant}{label_suffix}")
-        if ref:
-            ax.axhline(float(np.mean(ref)), ls="--", color=f"C{k}", alpha=0.7,
-                       label=f"{variant}{label_suffix}, non-private")
-    ticks = sorted({r["target_epsilon"] for r in rows if not math.isinf(r["target_epsilon"])})
-    ax.set_xscale("log")
-    if ticks:
-        from matplotlib.ticker import NullLocator
-
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.grid(alpha=0.3)
-
-
-def attacks_figure(rows: list[dict[str, Any]]):
-    """Best membership attack's TPR at 1% FPR and AUC against ε (mean ± std over seeds)."""
-    from dptrain.figures import pyplot
-
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
-    _errorbars(left, rows, "mia_tpr_at_1%")
-    left.axhline(0.01, color="grey", lw=1, ls=":", label="chance (TPR = FPR)")
-    left.set(xlabel="ε", ylabel="TPR at 1% FPR (best attack)", title="Membership inference")
-    _errorbars(right, rows, "mia_best_auc")
-    right.axhline(0.5, color="grey", lw=1, ls=":", label="chance")
-    right.set(xlabel="ε", ylabel="AUC (best attack)", title="Membership inference")
-    for ax in (left, right):
-        ax.legend(fontsize=7)
-    return fig
-
-
-def audit_figure(rows: list[dict[str, Any]]):
-    """Empirical ε lower bounds against the theoretical ε, with the diagonal they cannot cross."""
-    from dptrain.figures import pyplot
-
-    fig, ax = pyplot().subplots(figsize=(6, 4.5))
-    finite = [r for r in rows if not math.isinf(r["target_epsilon"])]
-    for key, label, marker in (("whitebox_epsilon_lb", "white-box audit", "o"),
-                               ("mia_epsilon_lb_cp", "membership inference (indicative)", "s")):
-        points = [(r["epsilon"], r[key]) for r in finite if key in r]
-        if points:
-            x, y = zip(*points)
-            ax.scatter(x, y, marker=marker, label=label, alpha=0.8)
-    top = max([r["epsilon"] for r in finite] or [1.0])
-    ax.plot([0, top], [0, top], color="grey", ls="--", label="ε_lb = ε (a bound above it: a bug)")
-    ax.set(xlabel="theoretical ε (spent)", ylabel="empirical ε lower bound (95%)",
-           title="What the audits prove")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def reading(rows: list[dict[str, Any]]) -> list[str]:
-    """Plain-language sentences generated from the numbers."""
-    lines = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        ref = [r["accuracy"] for r in rows if r["variant"] == variant and math.isinf(r["target_epsilon"])]
-        eps, mean, _ = _by_epsilon(rows, variant, "accuracy")
-        _, flips, _ = _by_epsilon(rows, variant, "negative_flip_rate")
-        _, worst, _ = _by_epsilon(rows, variant, "worst_class_recall")
-        base = float(np.mean(ref)) if ref else None
-        for e, acc, flip, w in zip(eps, mean, flips, worst):
-            text = f"{variant}: at ε = {e:g} the test accuracy is {acc:.3f}"
-            if base is not None:
-                text += f", {100 * (base - acc):.1f} points below the non-private {base:.3f}"
-            if not math.isnan(flip):
-                text += f"; {100 * flip:.1f}% of test examples the non-private model gets right turn wrong"
-            if not math.isnan(w):
-                text += f"; the worst class keeps a recall of {w:.2f}"
-            cells = [r for r in rows if r["variant"] == variant and r["target_epsilon"] == e]
-            if all("mia_tpr_at_1%" in r for r in cells):
-                tpr = max(r["mia_tpr_at_1%"] for r in cells)
-                text += (f"; the best membership attack finds at most {100 * tpr:.1f}% of the "
-                         "members at 1% false positives (chance: 1%)")
-            if all("whitebox_epsilon_lb" in r for r in cells):
-                lb = max(r["whitebox_epsilon_lb"] for r in cells)
-                verdict = "a bug: above the claim" if lb > max(r["epsilon"] for r in cells) else "consistent"
-                text += f"; the white-box audit proves ε ≥ {lb:.2f} ({verdict})"
-            lines.append(text + ".")
-    return lines
-
-
-def report_html(cfg: SweepConfig, rows: list[dict[str, Any]], figures: dict[str, dict[str, bytes]]) -> str:
-    """One self-contained page: reading, plots (embedded PNG), table, configuration."""
-    def cell(v):
-        if isinstance(v, float):
-            return "∞" if math.isinf(v) else "–" if math.isnan(v) else f"{v:.4g}"
-        return html.escape(str(v))
-
-    images = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(files["png"]).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
-        for name, files in figures.items())
-    shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in shown) + "</tr>" for r in rows)
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in reading(rows))
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>dptrain sweep: {html.escape(cfg.name)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}"
-        "img{max-width:100%}</style></head><body>"
-        f"<h1>Privacy–utility sweep: {html.escape(cfg.name)}</h1>"
-        f"<h2>Reading</h2><ul>{items}</ul><h2>Plots</h2>{images}"
-        f"<h2>Results</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        f"<h2>Configuration</h2><pre>{html.escape(json.dumps(cfg.to_dict(), indent=2))}</pre>"
-        "</body></html>")
