@@ -401,8 +401,9 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
                               "with its own config or choose a new directory.")
     elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty and holds no sweep; choose a new directory.")
-    out.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(out / PLAN, cfg.to_dict())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(out / PLAN, cfg.to_dict())
 
     stages: dict[str, dict[str, Any]] = {}
     bar = None

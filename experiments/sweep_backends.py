@@ -76,6 +76,7 @@ class Executor:
             self.threads = threads_per_job  # None: PyTorch's own choice
         self._pool = None
         self._ray = None
+        self._started_ray = False
 
     def describe(self) -> str:
         if self.backend == "ray":
@@ -131,6 +132,7 @@ class Executor:
 
         if self._ray is None:
             if not ray.is_initialized():
+                self._started_ray = True
                 ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             self._ray = ray.remote(num_cpus=self.threads, max_retries=0)(_call)
@@ -156,6 +158,11 @@ class Executor:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()  # leaves a cluster we joined running; stops the one we started
+            self._started_ray, self._ray = False, None
 
     def __enter__(self) -> "Executor":
         return self

@@ -1,4 +1,5 @@
-"""dptrain sweep: config checks, a tiny sweep end to end, and continuing a stopped sweep."""
+"""dptrain sweep: config checks, a tiny sweep end to end with every attack, continuing a stopped
+(SIGKILLed) sweep, and the same results.csv from a process pool and from Ray."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from html.parser import HTMLParser
 import pytest
 
 from dptrain.cli import main
-from experiments.sweep import COLUMNS, load_config, run_sweep
+from experiments.sweep import load_config, run_sweep
+from experiments.sweep_report import BASE_COLUMNS
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -18,17 +20,34 @@ TINY = {"name": "tiny", "data": "synthetic", "model": "tiny", "epsilons": ["inf"
 
 
 class _Page(HTMLParser):
+    """What a browser would show: images, rows per table, reading items, section titles."""
+
     def __init__(self):
         super().__init__()
-        self.images, self.rows, self.items = [], 0, 0
+        self.images, self.tables, self.items, self.titles, self._in = [], [], 0, [], None
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
-            self.images.append(dict(attrs)["src"])
+            self.images.append((dict(attrs)["src"], dict(attrs).get("alt")))
+        elif tag == "table":
+            self.tables.append(0)
         elif tag == "tr":
-            self.rows += 1
+            self.tables[-1] += 1
         elif tag == "li":
             self.items += 1
+        self._in = tag
+
+    def handle_data(self, data):
+        if self._in == "h2":
+            self.titles.append(data)
+
+    def check_images(self):
+        import base64
+
+        for src, _ in self.images:
+            assert src.startswith("data:image/png;base64,")
+            assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        return [alt for _, alt in self.images]
 
 
 def test_a_tiny_sweep_end_to_end_and_continued(tmp_path):
@@ -41,13 +60,19 @@ def test_a_tiny_sweep_end_to_end_and_continued(tmp_path):
     assert 0.0 <= private["worst_class_recall"] <= private["accuracy"] + 1e-9 or private["accuracy"] == 0
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert tuple(table[0]) == COLUMNS and len(table) == 2 and table[0]["target_epsilon"] == "inf"
-    for name in ("accuracy.png", "accuracy.svg", "report.html", "sweep.json"):
+    assert tuple(table[0]) == BASE_COLUMNS + ("train_seconds",) and len(table) == 2
+    assert table[0]["target_epsilon"] == "inf"
+    for name in ("accuracy.png", "accuracy.svg", "per_class.png", "per_class.svg", "report.html",
+                 "sweep.json", "timing.json"):
         assert (out / name).stat().st_size > 0
     page = _Page()
     page.feed((out / "report.html").read_text())
-    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
-    assert page.rows == 3 and page.items == 1  # header + 2 cells; one reading line per private ε
+    assert page.check_images() == ["accuracy", "per_class"]
+    assert page.tables[0] == 3  # header + 2 cells
+    # one reading line per private ε, one on the per-class plot (the classes are equal here)
+    assert page.items == 2
+    assert {"Reading", "Plots", "Results", "Where the time went", "Configuration",
+            "Environment"} <= set(page.titles)
 
     # Continuing: finished cells are read back, never retrained.
     runs = sorted((out / "cells").rglob("privacy.json"))
@@ -78,28 +103,51 @@ def test_every_config_problem_in_one_line(tmp_path, capsys):
         load_config({**TINY, "recipe": {"lr": -1.0}})
 
 
-def test_a_sweep_with_attacks_and_white_box_audits(tmp_path):
-    cfg = {**TINY, "attacks": {"mia": {"shadows": 2}, "white_box": {"canaries": 2000}}}
+ATTACKS = {"mia": {"shadows": 2}, "audit": {"canaries": 20}, "white_box": {"canaries": 2000},
+           "extraction": {"secrets": "repetitions=1,8;per_repetition=1;length=2"}}
+
+
+def test_a_sweep_with_every_attack_and_audit(tmp_path):
+    import json
+
+    cfg = {**TINY, "attacks": ATTACKS}
     out = tmp_path / "sweep"
     rows = run_sweep(cfg, out, progress=False)
     for r in rows:
         assert 0.0 <= r["mia_tpr_at_1%"] <= 1.0 and 0.0 <= r["mia_best_auc"] <= 1.0
         assert r["mia_epsilon_lb_cp"] >= 0.0 and r["whitebox_epsilon_lb"] >= 0.0
+        assert r["audit_epsilon_lb"] >= 0.0
+        for rep in (1, 8):  # a 2-digit secret: 100 candidates, exposure in [0, log2 100]
+            assert 0.0 <= r[f"exposure_r{rep}"] <= math.log2(100) + 1e-9
+            assert r[f"extracted_r{rep}"] in (0.0, 1.0)
     assert rows[0]["whitebox_epsilon_lb"] >= 3  # ε = ∞: the canaries separate exactly
-    assert rows[1]["whitebox_epsilon_lb"] <= rows[1]["epsilon"]
-    for name in ("attacks.png", "attacks.svg", "audit.png", "audit.svg"):
-        assert (out / name).stat().st_size > 0
+    for key in ("whitebox_epsilon_lb", "audit_epsilon_lb", "mia_epsilon_lb_cp"):
+        assert rows[1][key] <= rows[1]["epsilon"]
+    # the secrets were planted in the cells' training data, and only there
+    for cell in (out / "cells").rglob("privacy.json"):
+        planted = json.loads((cell.parent / "private" / "secrets.json").read_text())
+        assert sorted(s["repetitions"] for s in planted["secrets"]) == [1, 8]
+    for audit_run in list((out / "audits").rglob("privacy.json")) + list((out / "whitebox").rglob("privacy.json")):
+        assert not (audit_run.parent / "private" / "secrets.json").exists()
     page = _Page()
     page.feed((out / "report.html").read_text())
-    assert len(page.images) == 3
+    assert page.check_images() == ["accuracy", "attacks", "audit", "extraction", "per_class"]
+    for name in page.check_images():
+        assert (out / f"{name}.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert (out / "shadows").is_dir() and any((out / "shadows").iterdir())
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert float(table[1]["whitebox_epsilon_lb"]) == pytest.approx(rows[1]["whitebox_epsilon_lb"])
+    assert float(table[1]["extracted_r8"]) == rows[1]["extracted_r8"]
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["work_seconds"]) == {"train", "shadows", "mia", "audit", "white_box", "extraction"}
+    assert timing["this_invocation"]["shadows"]["jobs"] == 4  # 2 per ε: both seeds' data agree
     # continuing reads every report back: nothing is trained again
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("report.json")}
-    run_sweep(cfg, out, progress=False)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("report.json")} == stamps
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "timing" not in p.name}
+    again = run_sweep(cfg, out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "timing" not in p.name} == stamps
+    assert again == rows
+    assert json.loads((out / "timing.json").read_text())["this_invocation"]["train"]["ran"] == 0
 
 
 def test_attack_options_are_checked():
@@ -107,6 +155,13 @@ def test_attack_options_are_checked():
         load_config({**TINY, "attacks": {"mia": {"shadows": 1, "extra": 2}, "lira": {}}})
     message = str(info.value)
     for part in ("shadows must be an integer >= 2", "unknown option 'extra'", "unknown attack 'lira'"):
+        assert part in message
+    with pytest.raises(Exception) as info:
+        load_config({**TINY, "recipe": {**TINY["recipe"], "secrets": "repetitions=1"},
+                     "attacks": {"extraction": {"secrets": "repetitions=x", "methods": ["guess"]}}})
+    message = str(info.value)
+    for part in ("recipe plant secrets and attacks.extraction does too", "attacks.extraction.secrets:",
+                 "attacks.extraction.methods must be"):
         assert part in message
 
 
@@ -131,3 +186,36 @@ def test_a_killed_sweep_continues_without_retraining(tmp_path):
     assert hashlib.sha256(first.read_bytes()).hexdigest() == digest
     with open(out / "results.csv") as f:
         assert [r["target_epsilon"] for r in csv.DictReader(f)] == ["inf", "4.0", "2.0"]
+
+
+def test_a_process_pool_and_ray_give_the_same_results(tmp_path):
+    """Same config, same seeds (dp_seed fixes the noise and the batches): the CSV of a local pool
+    of 2 processes, of this process, and of a local Ray instance agree in everything but time."""
+    pytest.importorskip("ray", reason="the Ray backend is an optional extra (dptrain[ray])")
+    cfg = {**TINY, "seeds": [0, 1], "recipe": {**TINY["recipe"], "dp_seed": 3},
+           "attacks": {"extraction": ATTACKS["extraction"]}}
+
+    def table(out):
+        with open(out / "results.csv") as f:
+            return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in csv.DictReader(f)]
+
+    run_sweep(cfg, tmp_path / "pool", progress=False, workers=2)
+    run_sweep(cfg, tmp_path / "ray", progress=False, backend="ray", threads_per_job=1)
+    pool, ray_rows = table(tmp_path / "pool"), table(tmp_path / "ray")
+    assert len(pool) == 4 and pool == ray_rows
+    assert len({r["exposure_r1"] for r in pool}) > 1  # the cells differ: the comparison can fail
+    run_sweep(cfg, tmp_path / "here", progress=False, workers=1, threads_per_job=1)
+    assert table(tmp_path / "here") == pool
+
+
+def test_backend_options_are_checked(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(TINY))
+    for extra, part in ((["--workers", "0"], "--workers must be an integer >= 1"),
+                        (["--threads-per-job", "0"], "--threads-per-job must be an integer >= 1")):
+        assert main(["sweep", "--config", str(config), "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert part in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
