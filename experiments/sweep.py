@@ -56,6 +56,7 @@ ATTACK_KEYS = {"mia": {"shadows"}, "audit": {"canaries"}, "white_box": {"canarie
 DEFAULT_SECRETS = "repetitions=1,5,20;per_repetition=2;length=4"
 """Secret canaries a sweep plants when ``attacks.extraction`` names none: 4-digit PINs."""
 PLAN = "sweep.json"
+COMMAND = "dptrain sweep"
 TIMING = "timing.json"
 STAGES = ("train", "shadows", "audit", "white_box", "extraction", "mia")
 
@@ -221,6 +222,51 @@ def _cell_path(out: Path, kind: str, cell: tuple[str, int, float]) -> Path:
     return Path(out) / kind / variant / f"seed{seed}" / f"eps{_tag(eps)}"
 
 
+def _differences(saved, config) -> str:
+    """The fields in which a run's saved config departs from the cell's recipe. A field the
+    recipe leaves to the trainer (None or 'auto') matches whatever the trainer chose and
+    recorded: the choice follows from the other fields and the data."""
+    from dptrain.trainer import TrainConfig
+
+    differ = []
+    for f in dataclasses.fields(TrainConfig):
+        want, got = getattr(config, f.name), getattr(saved, f.name)
+        if want is None or want == "auto" or got == want:
+            continue
+        differ.append(f"{f.name} {got!r} instead of {want!r}")
+    return ", ".join(differ)
+
+
+def run_plan(run_dir: Path, config) -> str:
+    """What a sweep does with one of its cell directories: 'train' (there is none), 'reuse' (a
+    finished run), 'resume' (a checkpoint) or 'restart' (stopped before its first checkpoint).
+
+    Only directories the sweep made itself come here. A finished or stopped run of another
+    recipe is refused, never mixed in.
+    """
+    from dptrain import rundir
+    from dptrain.trainer import TrainConfig
+
+    if not run_dir.exists():
+        return "train"
+    finished = (run_dir / rundir.PRIVACY).exists()
+    stopped = any((path / "state.json").exists() for path in
+                  (run_dir / rundir.CHECKPOINT, run_dir / f".{rundir.CHECKPOINT}.old"))
+    if not (finished or stopped):
+        return "restart"
+    saved = rundir.read_json(run_dir / rundir.CONFIG)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"{run_dir / rundir.CONFIG} holds no training configuration.")
+    differences = _differences(TrainConfig.from_dict(saved["config"]), config)
+    if differences:
+        raise ConfigError(
+            f"{run_dir} holds a {'finished' if finished else 'stopped'} run of another recipe "
+            f"({differences}); a sweep does not mix recipes: choose another --out, or rerun "
+            "with the same configuration (the demo: the same --model and --quick)."
+        )
+    return "reuse" if finished else "resume"
+
+
 # --------------------------------------------------------------------------------------------
 # Jobs: each reads and writes files under the sweep directory only, and does nothing when done
 # --------------------------------------------------------------------------------------------
@@ -243,24 +289,24 @@ class Job:
         return name + (f" #{self.shadow}" if self.stage == "shadows" else "")
 
 
-def run_job(job: Job) -> bool:
-    """Do the job unless it is done; True when it did work."""
+def run_job(job: Job) -> str:
+    """Do the job unless it is done; say what it did: "reused" (nothing), "ran", "resumed"
+    (from a checkpoint) or "restarted" (stopped before its first checkpoint: from scratch)."""
     cfg = load_config(job.config)
     out = Path(job.out)
     return _STAGE_RUNNERS[job.stage](cfg, out, job)
 
 
-def _train_cell(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _train_cell(cfg: SweepConfig, out: Path, job: Job) -> str:
     import shutil
 
-    from dptrain.demo import run_plan
     from dptrain.trainer import train_run
 
     where = cell_dir(out, *job.cell)
     recipe = cfg.train_config(*job.cell)
-    action = run_plan(where, recipe)  # as the demo: reuse, resume, or restart from scratch
+    action = run_plan(where, recipe)  # reuse, resume, or restart from scratch
     if action == "reuse":
-        return False
+        return "reused"
     if action == "restart":
         shutil.rmtree(where)
     where.parent.mkdir(parents=True, exist_ok=True)
@@ -271,31 +317,32 @@ def _train_cell(cfg: SweepConfig, out: Path, job: Job) -> bool:
         buf = io.BytesIO()
         np.save(buf, summary.test_correct)
         rundir.write_bytes_atomic(where / "private" / "test_correct.npy", buf.getvalue())
-    return True
+    return {"train": "ran", "resume": "resumed", "restart": "restarted"}[action]
 
 
-def _train_shadow(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _train_shadow(cfg: SweepConfig, out: Path, job: Job) -> str:
     from attacks.shadows import load_target, train_shadow
 
     target = load_target(cell_dir(out, *job.cell))
-    return train_shadow(target, cfg.attacks["mia"].get("shadows", 8), job.shadow,
-                        root=out / "shadows") != "finished"
+    state = train_shadow(target, cfg.attacks["mia"].get("shadows", 8), job.shadow,
+                         root=out / "shadows")
+    return {"finished": "reused", "new": "ran", "stopped": "resumed", "stale": "restarted"}[state]
 
 
-def _membership(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _membership(cfg: SweepConfig, out: Path, job: Job) -> str:
     """LiRA, RMIA and loss on the cell; shadows come from the sweep's one cache (trained by the
     shadow jobs before, so this only scores)."""
     from attacks.membership import run_membership_inference
 
     cell = cell_dir(out, *job.cell)
     if (cell / "attacks" / "report.json").exists():
-        return False
+        return "reused"
     run_membership_inference(cell, cell / "attacks", n_shadows=cfg.attacks["mia"].get("shadows", 8),
                              shadow_dir=out / "shadows", progress=False)
-    return True
+    return "ran"
 
 
-def _natural_audit(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _natural_audit(cfg: SweepConfig, out: Path, job: Job) -> str:
     """The one-run audit with natural canaries (its own run); a stopped one is resumed."""
     import shutil
 
@@ -304,19 +351,19 @@ def _natural_audit(cfg: SweepConfig, out: Path, job: Job) -> bool:
 
     where = _cell_path(out, "audits", job.cell)
     if (where / AUDIT_REPORT).exists():
-        return False
+        return "reused"
     if (where / AUDIT_PLAN).exists():
         resume_audit(where, progress=False)
-        return True
+        return "resumed"
     if where.exists():
         shutil.rmtree(where)  # the sweep's own audit, stopped before it wrote its plan
     where.parent.mkdir(parents=True, exist_ok=True)
     run_audit(cfg.train_config(*job.cell, secrets=False), where,
               AuditRunOptions(canaries=cfg.attacks["audit"].get("canaries")), progress=False)
-    return True
+    return "ran"
 
 
-def _white_box(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _white_box(cfg: SweepConfig, out: Path, job: Job) -> str:
     """A white-box audit of the cell's recipe (its own training run with gradient canaries).
     One that stopped cannot resume (its coins must stay unused) and starts again."""
     import shutil
@@ -325,27 +372,28 @@ def _white_box(cfg: SweepConfig, out: Path, job: Job) -> bool:
 
     where = _cell_path(out, "whitebox", job.cell)
     if (where / "report.json").exists():
-        return False
-    if where.exists():
+        return "reused"
+    restarted = where.exists()
+    if restarted:
         shutil.rmtree(where)
     where.parent.mkdir(parents=True, exist_ok=True)
     run_white_box_audit(cfg.train_config(*job.cell, secrets=False), where,
                         WhiteBoxOptions(canaries=cfg.attacks["white_box"].get("canaries")),
                         progress=False)
-    return True
+    return "restarted" if restarted else "ran"
 
 
-def _extraction(cfg: SweepConfig, out: Path, job: Job) -> bool:
+def _extraction(cfg: SweepConfig, out: Path, job: Job) -> str:
     """Rank and recover every secret planted in the cell (white-box: the attacker holds the
     weights and knows each secret's prefix, length, candidates and label)."""
     from attacks.extraction import run_extraction
 
     cell = cell_dir(out, *job.cell)
     if (cell / "extraction" / "report.json").exists():
-        return False
+        return "reused"
     run_extraction(cell, cell / "extraction", methods=cfg.attacks["extraction"].get(
         "methods", ["enumerate"]), progress=False)
-    return True
+    return "ran"
 
 
 _STAGE_RUNNERS = {"train": _train_cell, "shadows": _train_shadow, "audit": _natural_audit,
@@ -376,34 +424,39 @@ def plan_jobs(cfg: SweepConfig, out: Path, stage: str) -> list[Job]:
 
 def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
               progress: bool = True, workers: int = 1, backend: str = "local",
-              threads_per_job: int | None = None, ray_address: str | None = None) -> list[dict[str, Any]]:
+              threads_per_job: int | None = None, ray_address: str | None = None,
+              command: str = COMMAND) -> list[dict[str, Any]]:
     """Run (or continue) every job, then write results.csv, timing.json, the plots and report.html.
 
     ``workers``/``backend``/``threads_per_job``/``ray_address``: where the jobs run
-    (:mod:`experiments.sweep_backends`). Returns one row per cell (as in results.csv).
+    (:mod:`experiments.sweep_backends`). ``command`` names the writer in the directory's
+    manifest (:mod:`dptrain.outputs`): a sweep replaces only what it wrote itself. Everything
+    that can be refused — the config, the options, a foreign file in the way, a model or data
+    that does not load — is refused before anything is written. Returns one row per cell.
     """
     import time
 
-    from dptrain import rundir
-    from dptrain.outputs import check_writable
+    from dptrain.outputs import OutputDir
 
     from experiments import sweep_report
     from experiments.sweep_backends import Executor, check
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
     check(backend, workers, threads_per_job)
-    out = Path(out_dir)
-    check_writable(out, f"--out {out}")
-    if (out / PLAN).exists():
-        saved = json.loads((out / PLAN).read_text())
-        if saved != cfg.to_dict():
+    outputs = OutputDir(out_dir, command)
+    out = outputs.path
+    dirs = [d for d, needs in (("cells", None), ("shadows", "mia"), ("audits", "audit"),
+                               ("whitebox", "white_box")) if needs is None or needs in cfg.attacks]
+    outputs.check(files=(PLAN, TIMING) + sweep_report.FILES, dirs=dirs)
+    if outputs.owns(PLAN):
+        if json.loads((out / PLAN).read_text()) != cfg.to_dict():
             raise ConfigError(f"--out {out} holds a different sweep ({PLAN} differs); continue it "
                               "with its own config or choose a new directory.")
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty and holds no sweep; choose a new directory.")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(out / PLAN, cfg.to_dict())
+        preflight(cfg)
+        outputs.write_json(PLAN, cfg.to_dict())
+    for d in dirs:
+        outputs.claim_dir(d)
 
     stages: dict[str, dict[str, Any]] = {}
     bar = None
@@ -420,12 +473,16 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
                 continue
             started, ran = time.monotonic(), []
 
-            def done(job: Job, did_work: bool) -> None:
-                ran.append(did_work)
+            def done(job: Job, what: str) -> None:
+                ran.append(what != "reused")
+                if what in ("resumed", "restarted"):  # what a rerun after a crash did
+                    line = f"[sweep] {job.name}: {what}" + (
+                        " (it stopped before its first checkpoint)" if what == "restarted" else
+                        " (from its checkpoint)")
+                    print(line, flush=True) if bar is None else bar.write(line)
                 if bar is not None:
                     bar.set_description(f"sweep: {stage}")
-                    bar.set_postfix_str(f"{job.name} {'done' if did_work else 'reused'}",
-                                        refresh=False)
+                    bar.set_postfix_str(f"{job.name} {what}", refresh=False)
                     bar.update(1)
 
             if bar is not None:
@@ -439,15 +496,34 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     started = time.monotonic()
     rows = collect_rows(cfg, out)
     work = work_seconds(cfg, out, rows)
-    sweep_report.write_all(cfg, out, rows, per_class_points(cfg, out), work)
+    sweep_report.write_all(outputs, cfg, rows, per_class_points(cfg, out), work)
     stages["report"] = {"jobs": 1, "ran": 1, "wall_seconds": time.monotonic() - started}
-    rundir.write_json(out / TIMING, {
+    outputs.write_json(TIMING, {
         "description": "where the sweep's time went: work_seconds adds up every job's own "
                        "seconds as its run directory and reports record them (so it survives "
                        "a restart); wall_seconds is this invocation's, which skips finished jobs",
         "backend": executor.describe(), "this_invocation": stages, "work_seconds": work,
     })
     return rows
+
+
+def preflight(cfg: SweepConfig) -> None:
+    """Load every model and data source of the sweep once (no training), so that a typo in a
+    path is refused before the sweep writes anything."""
+    from dptrain.data import load_intent_data
+    from dptrain.models import load_model
+
+    seen = set()
+    for variant in cfg.variants:
+        recipe = cfg.train_config(variant, cfg.seeds[0], cfg.epsilons[0])
+        key = (recipe.data, recipe.model, recipe.pooling, recipe.text_column, recipe.label_column)
+        if key in seen:
+            continue
+        seen.add(key)
+        data = load_intent_data(recipe.data, text_column=recipe.text_column,
+                                label_column=recipe.label_column, seed=recipe.seed,
+                                synthetic_per_intent=recipe.synthetic_per_intent)
+        load_model(recipe.model, data.num_labels, data.label_names, recipe.pooling)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import json
 import math
 import platform
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,9 @@ BASE_COLUMNS = ("variant", "seed", "target_epsilon", "epsilon", "delta", "noise_
                 "class_recall_spread", "negative_flip_rate")
 ATTACK_COLUMNS = ("mia_best_auc", "mia_tpr_at_0.1%", "mia_tpr_at_1%", "mia_epsilon_lb_cp",
                   "mia_epsilon_lb_gdp", "audit_epsilon_lb", "whitebox_epsilon_lb")
+FIGURES = ("accuracy", "attacks", "audit", "extraction", "per_class")
+FILES = (RESULTS, REPORT) + tuple(f"{name}.{fmt}" for name in FIGURES for fmt in ("png", "svg"))
+"""Every file a sweep may write at its top level (checked before it starts)."""
 SECONDS_COLUMNS = ("train_seconds", "mia_seconds", "audit_seconds", "whitebox_seconds",
                    "extraction_seconds")
 
@@ -55,9 +57,7 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
             + tuple(c for c in SECONDS_COLUMNS if present(c)))
 
 
-def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    from dptrain import rundir
-
+def write_results(outputs, rows: list[dict[str, Any]]) -> None:
     shown = columns(rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=shown, lineterminator="\n")
@@ -65,16 +65,16 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         writer.writerow({k: ("inf" if isinstance(r.get(k), float) and math.isinf(r[k]) else
                              "" if r.get(k) is None else r.get(k, "")) for k in shown})
-    rundir.write_bytes_atomic(out / RESULTS, buf.getvalue().encode())
+    outputs.write_bytes(RESULTS, buf.getvalue().encode())
 
 
-def write_all(cfg, out: Path, rows: list[dict[str, Any]], per_class: list[dict[str, Any]],
+def write_all(outputs, cfg, rows: list[dict[str, Any]], per_class: list[dict[str, Any]],
               timing: dict[str, float] | None = None) -> dict:
-    """results.csv, every plot that has data (PNG + SVG), and report.html; returns the figures."""
-    from dptrain import rundir
+    """results.csv, every plot that has data (PNG + SVG), and report.html, through ``outputs``
+    (a :class:`dptrain.outputs.OutputDir`); returns the figures."""
     from dptrain.figures import rendered
 
-    write_results(out, rows)
+    write_results(outputs, rows)
     figures = {"accuracy": rendered(accuracy_figure(rows))}
     if any("mia_best_auc" in r for r in rows):
         figures["attacks"] = rendered(attacks_figure(rows))
@@ -86,9 +86,9 @@ def write_all(cfg, out: Path, rows: list[dict[str, Any]], per_class: list[dict[s
         figures["per_class"] = rendered(per_class_figure(per_class))
     for name, files in figures.items():
         for fmt, data in files.items():
-            rundir.write_bytes_atomic(out / f"{name}.{fmt}", data)
+            outputs.write_bytes(f"{name}.{fmt}", data)
     page = report_html(cfg, rows, figures, reading(rows, per_class), timing)
-    rundir.write_bytes_atomic(out / REPORT, page.encode("utf-8"))
+    outputs.write_bytes(REPORT, page.encode("utf-8"))
     return figures
 
 

@@ -351,7 +351,7 @@ def test_audit_resume_refuses_what_is_not_a_stopped_audit(tmp_path):
 DEMO = ["demo", "--quick", "--model", "tiny", "--quiet"]
 
 
-@pytest.mark.parametrize("name", ["summary.json", "privacy_utility.png", "eps_8/notes.txt"])
+@pytest.mark.parametrize("name", ["report.html", "results.csv", "cells/notes.txt"])
 def test_demo_never_overwrites_what_it_did_not_write(tmp_path, name):
     out = tmp_path / "demo"
     (out / name).parent.mkdir(parents=True)
@@ -371,42 +371,45 @@ def test_demo_with_a_model_the_trainer_refuses_leaves_nothing(tmp_path):
 
 
 def _finished_demo(out: Path, proc: subprocess.CompletedProcess) -> None:
+    import csv
+
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert [r["target_epsilon"] for r in summary["runs"]] == ["inf", 8.0, 1.0]
-    for r in summary["runs"]:
-        privacy = json.loads((Path(r["run"]) / "privacy.json").read_text())
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["target_epsilon"] for r in rows] == ["inf", "8.0", "1.0"]
+    for eps in ("inf", "8", "1"):
+        privacy = json.loads((out / "cells" / "default" / "seed0" / f"eps{eps}" / "privacy.json").read_text())
         assert privacy["steps"] == privacy["planned_steps"]
-        assert Path(r["attack_report"]).exists()
     manifest = json.loads((out / MANIFEST).read_text())
-    assert set(manifest["dirs"]) == {"eps_inf", "eps_8", "eps_1"}
-    assert set(manifest["files"]) == {"summary.json", "privacy_utility.png"}
+    assert set(manifest["dirs"]) == {"cells", "shadows", "audits", "whitebox"}
+    assert {"sweep.json", "results.csv", "report.html", "timing.json"} <= set(manifest["files"])
 
 
 def test_demo_killed_before_its_first_checkpoint_restarts_that_run(tmp_path):
     out = tmp_path / "demo"
-    first = out / "eps_inf"
+    first = out / "cells" / "default" / "seed0" / "epsinf"
     kill_when([*DEMO, "--out", out], (first / "config.json").exists)
     assert not (first / "checkpoint").exists() and not (first / "privacy.json").exists()
     proc = dptrain(*DEMO, "--out", out)
     _finished_demo(out, proc)
-    assert "non-private: restarting (it stopped before its first checkpoint)" in proc.stdout
+    assert "train default/seed0/ε=inf: restarted (it stopped before its first checkpoint)" in proc.stdout
 
 
 def test_demo_killed_after_a_checkpoint_resumes_that_run(tmp_path):
     out = tmp_path / "demo"
-    state = out / "eps_inf" / "checkpoint" / "state.json"
+    state = out / "cells" / "default" / "seed0" / "epsinf" / "checkpoint" / "state.json"
     kill_when([*DEMO, "--out", out], state.exists)
-    assert not (out / "eps_inf" / "privacy.json").exists()
+    assert not (out / "cells" / "default" / "seed0" / "epsinf" / "privacy.json").exists()
     proc = dptrain(*DEMO, "--out", out)
     _finished_demo(out, proc)
-    assert "non-private: resuming tiny" in proc.stdout
-    assert "ε = 8: training tiny" in proc.stdout
+    assert "train default/seed0/ε=inf: resumed (from its checkpoint)" in proc.stdout
+    assert "ε=8: resumed" not in proc.stdout and "ε=8: restarted" not in proc.stdout
 
 
 def test_demo_refuses_a_run_of_another_recipe(tmp_path):
-    from dptrain.demo import demo_config, run_plan
+    from dptrain.demo import demo_config
     from dptrain.errors import ConfigError
+    from experiments.sweep import run_plan
 
     run = tmp_path / "eps_8"
     (run / "checkpoint").mkdir(parents=True)

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from dptrain.cli import main
+from dptrain.outputs import MANIFEST
 from experiments.sweep import load_config, run_sweep
 from experiments.sweep_report import BASE_COLUMNS
 
@@ -143,9 +144,9 @@ def test_a_sweep_with_every_attack_and_audit(tmp_path):
     assert set(timing["work_seconds"]) == {"train", "shadows", "mia", "audit", "white_box", "extraction"}
     assert timing["this_invocation"]["shadows"]["jobs"] == 4  # 2 per ε: both seeds' data agree
     # continuing reads every report back: nothing is trained again
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "timing" not in p.name}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name not in ("timing.json", MANIFEST)}
     again = run_sweep(cfg, out, progress=False)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "timing" not in p.name} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name not in ("timing.json", MANIFEST)} == stamps
     assert again == rows
     assert json.loads((out / "timing.json").read_text())["this_invocation"]["train"]["ran"] == 0
 

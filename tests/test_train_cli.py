@@ -229,49 +229,41 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert "missing.csv" in proc.stderr
 
 
-def test_demo_trains_three_runs_and_attacks_each(tmp_path, capsys):
-    """The main job, quick version: ∞ / 8 / 1 side by side, then the loss attack on each."""
+def test_demo_trains_attacks_audits_and_reports(tmp_path, capsys):
+    """The main job, quick version: ∞ / 8 / 1, every attack and audit, the report, the table."""
+    import csv
+
     out = tmp_path / "demo"
     code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
                                 capsys)
     assert code == 0, err
-    summary = read(out, "summary.json")
-    runs = summary["runs"]
-    assert [r["target_epsilon"] for r in runs] == ["inf", 8.0, 1.0]
-    for r in runs[1:]:
-        assert 0.9 * r["target_epsilon"] < r["epsilon"] <= r["target_epsilon"]
-    for r in runs:
-        report = json.loads(Path(r["attack_report"]).read_text())
-        assert report["attacks"]["loss"]["auc"] == pytest.approx(r["loss_attack_auc"])
-        assert 0 <= r["loss_attack_auc"] <= 1
-        # a private run's measured leakage never exceeds its claim: that would be a privacy bug
-        if r["target_epsilon"] != "inf":
-            assert r["empirical_epsilon_lb"] <= r["epsilon"]
-    assert (out / "privacy_utility.png").exists() and (out / "eps_1" / "attacks" / "roc.png").exists()
-    assert "What an attacker measures" in stdout and "attack AUC" in stdout
-    assert stdout.count("consistent") == 2 and "no claim" in stdout
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["target_epsilon"] for r in rows] == ["inf", "8.0", "1.0"]
+    for r in rows[1:]:
+        spent, target = float(r["epsilon"]), float(r["target_epsilon"])
+        assert 0.9 * target < spent <= target
+        # no audit or attack may prove more leakage than the claim: that would be a privacy bug
+        for key in ("mia_epsilon_lb_cp", "audit_epsilon_lb", "whitebox_epsilon_lb"):
+            assert 0.0 <= float(r[key]) <= spent
+    assert float(rows[0]["whitebox_epsilon_lb"]) > float(rows[2]["epsilon"])  # ∞: the audit sees it
+    for name in ("report.html", "accuracy.png", "attacks.png", "audit.png", "extraction.png",
+                 "per_class.png", "timing.json"):
+        assert (out / name).stat().st_size > 0
+    for word in ("ε target", "MIA TPR@1%", "white-box ε≥", "Where to look", "report.html"):
+        assert word in stdout
 
     # a second demo reuses every run and report: nothing is trained or attacked again
-    before = (out / "eps_8" / "attacks" / "report.json").stat().st_mtime_ns
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("report.json")}
     code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
                                 capsys)
     assert code == 0, err
-    assert stdout.count("reusing the finished run") == 3
-    assert (out / "eps_8" / "attacks" / "report.json").stat().st_mtime_ns == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("report.json")} == stamps
+    assert json.loads((out / "timing.json").read_text())["this_invocation"]["train"]["ran"] == 0
 
-
-def test_demo_keeps_a_users_attack_report_without_the_loss_attack(tmp_path, capsys):
-    """A report the user made with other attacks is neither overwritten nor misread."""
-    out = tmp_path / "demo"
-    assert run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)], capsys)[0] == 0
-    users = out / "eps_8" / "attacks" / "report.json"
-    report = json.loads(users.read_text())
-    report["attacks"] = {"rmia": report["attacks"]["loss"]}  # as if run with --attacks rmia
-    users.write_text(json.dumps(report))
+    # a report the user edited since is theirs: refused, one line, left as it is
+    (out / "report.html").write_text("my notes")
     code, stdout, err = run_cli(["demo", "--quick", "--model", "tiny", "--quiet", "--out", str(out)],
                                 capsys)
-    assert code == 0, err
-    assert json.loads(users.read_text()) == report
-    summary = read(out, "summary.json")
-    assert summary["runs"][1]["attack_report"] == str(out / "eps_8" / "attacks-loss" / "report.json")
-    assert (out / "eps_8" / "attacks-loss" / "roc.png").exists()
+    assert code == 2 and "report.html" in err and err.strip().count("\n") == 0
+    assert (out / "report.html").read_text() == "my notes"
