@@ -463,7 +463,12 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=0, desc="sweep", unit="job", dynamic_ncols=True)
+        # every job is known up front but the shadows' (cells that share a population share
+        # them: known once the cells are trained); until then count K per cell, an upper bound
+        per_cell = 1 + sum(stage in cfg.attacks for stage in ("audit", "white_box", "extraction", "mia"))
+        guessed_shadows = len(cfg.cells()) * cfg.attacks["mia"].get("shadows", 8) if "mia" in cfg.attacks else 0
+        bar = tqdm(total=len(cfg.cells()) * per_cell + guessed_shadows, desc="sweep", unit="job",
+                   dynamic_ncols=True)
     with Executor(backend, workers, threads_per_job, ray_address) as executor:
         if bar is not None:
             bar.write(f"[sweep] {len(cfg.cells())} cells; jobs run in {executor.describe()}")
@@ -485,8 +490,8 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
                     bar.set_postfix_str(f"{job.name} {what}", refresh=False)
                     bar.update(1)
 
-            if bar is not None:
-                bar.total += len(jobs)
+            if bar is not None and stage == "shadows":
+                bar.total += len(jobs) - guessed_shadows
                 bar.refresh()
             executor.map(run_job, jobs, done)
             stages[stage] = {"jobs": len(jobs), "ran": sum(ran),

@@ -317,7 +317,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     the highest extraction rate over repetition counts."""
     keys = [(k, label) for k, label in SUMMARY_KEYS if any(k in r for r in rows)]
     reps = _repetitions(rows)
-    header = [label for _, label in keys] + ([f"extracted (R={reps[-1]})"] if reps else [])
+    header = [label for _, label in keys] + ([f"exposure (R={reps[-1]})", f"extracted (R={reps[-1]})"]
+                                             if reps else [])
 
     def fmt(v):
         if isinstance(v, float):
@@ -325,7 +326,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
         return "–" if v is None else str(v)
 
     return [header] + [[fmt(r.get(k)) for k, _ in keys]
-                       + ([fmt(r.get(f"extracted_r{reps[-1]}"))] if reps else []) for r in rows]
+                       + ([fmt(r.get(f"exposure_r{reps[-1]}")), fmt(r.get(f"extracted_r{reps[-1]}"))]
+                          if reps else []) for r in rows]
 
 
 def environment() -> dict[str, str]:
