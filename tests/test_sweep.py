@@ -51,6 +51,37 @@ class _Page(HTMLParser):
         return [alt for _, alt in self.images]
 
 
+def _browser() -> str | None:
+    import shutil
+
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def _check_in_a_browser(page, images: int) -> None:
+    """Open the report in a headless browser when one is installed (``apt install chromium``):
+    the DOM it builds holds every image and table, and the page it paints is not blank.
+    Without one, the parse-based checks of the callers stand alone."""
+    import subprocess
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    browser = _browser()
+    if browser is None:
+        return
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1100,2400"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count("<img") == images and dom.count("<table") >= 2
+    shot = page.parent / "screenshot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True,
+                   timeout=120, cwd=page.parent)
+    pixels = imread(shot)
+    assert pixels.shape[0] > 1000 and float(np.std(pixels)) > 0.05
+    shot.unlink()
+
+
 def test_a_tiny_sweep_end_to_end_and_continued(tmp_path):
     out = tmp_path / "sweep"
     rows = run_sweep(TINY, out, progress=False)
@@ -74,6 +105,7 @@ def test_a_tiny_sweep_end_to_end_and_continued(tmp_path):
     assert page.items == 2
     assert {"Reading", "Plots", "Results", "Where the time went", "Configuration",
             "Environment"} <= set(page.titles)
+    _check_in_a_browser(out / "report.html", images=2)
 
     # Continuing: finished cells are read back, never retrained.
     runs = sorted((out / "cells").rglob("privacy.json"))
