@@ -81,7 +81,9 @@ def load_state(path: Path) -> dict[str, Any]:
             raise ConfigError(f"checkpoint {path} is incomplete: {STATE} has no '{key}'.")
     try:
         state["tensors"] = load_file(path / WEIGHTS)
-        state["optimizer"] = torch.load(path / OPTIMIZER, weights_only=True)
+        # on the host: a checkpoint written on a GPU resumes anywhere (the optimizer moves its
+        # state to the parameters' device when it loads it)
+        state["optimizer"] = torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"checkpoint {path} cannot be read: {exc}.") from None
     return state

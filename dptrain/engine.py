@@ -523,9 +523,11 @@ class PerSampleClipper:
 def add_at_coordinates(tensors: list[torch.Tensor], index: torch.Tensor, offset: torch.Tensor,
                        values: torch.Tensor) -> None:
     """``tensors[index[j]].flatten()[offset[j]] += values[j]`` for every j (in place)."""
-    for i in np.unique(index.numpy()).tolist():
+    for i in np.unique(index.cpu().numpy()).tolist():
         rows = index == i
-        tensors[i].view(-1).index_add_(0, offset[rows], values[rows].to(tensors[i].dtype))
+        target = tensors[i]
+        target.view(-1).index_add_(0, offset[rows].to(target.device),
+                                   values[rows].to(device=target.device, dtype=target.dtype))
 
 
 def _checkpointing(model: nn.Module) -> bool:

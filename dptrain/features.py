@@ -78,7 +78,8 @@ def forget() -> None:
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: int = 256,
-                    progress=None, encoder_sha256: str | None = None) -> torch.Tensor:
+                    progress=None, encoder_sha256: str | None = None, device=None,
+                    precision: str = "fp32") -> torch.Tensor:
     """Mean-pooled encoder states [N, d] of every example of an encoded split (eval mode).
 
     Examples are batched by length (little padding); each row depends on its own example only,
@@ -86,10 +87,13 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
     :func:`~dptrain.models.weights_sha256` of the encoder, when the caller already has it.
     """
     from .data import collate
+    from .device import autocast, to_device
     from .models import weights_sha256
 
+    device = device if device is not None else next(model.encoder.parameters()).device
+
     dtype = next(model.classifier.parameters()).dtype  # what the head computes in
-    key = (encoder_sha256 or weights_sha256(model.encoder), dtype, int(pad_token_id))
+    key = (encoder_sha256 or weights_sha256(model.encoder), dtype, int(pad_token_id), precision)
     if key not in _MEMORY:
         _MEMORY.clear()
         _MEMORY[key] = {}
@@ -111,11 +115,14 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = collate(encoded, idx, pad_token_id)
-            states = model.encoder(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).last_hidden_state
+            batch = to_device(collate(encoded, idx, pad_token_id), device)
+            with autocast(device, precision):
+                states = model.encoder(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).last_hidden_state
+            if states.dtype in (torch.float16, torch.bfloat16):
+                states = states.float()  # pool in fp32 (the features the head trains on)
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-            pooled = ((states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).to(dtype)
+            pooled = ((states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).to(dtype).cpu()
             out[torch.from_numpy(idx)] = pooled
             for row, i in zip(pooled, idx.tolist()):
                 memory[tuple(encoded.input_ids[i])] = row.clone()

@@ -105,6 +105,11 @@ class TrainConfig:
         "default_text": "0: off"})
     checkpoint_every: int = field(default=0, metadata={
         "help": "logical steps between checkpoints", "default_text": "0: once per epoch"})
+    device: str = field(default="auto", metadata={
+        "help": "where training computes: auto (CUDA when available) | cpu | cuda | cuda:N | mps"})
+    precision: str = field(default="auto", metadata={
+        "help": "fp32 | bf16 (autocast; refused for private training, see README 'Scale') | "
+                "auto (bf16 for --epsilon inf on GPUs that have it, else fp32)"})
 
     def __post_init__(self):
         eps = self.epsilon
@@ -140,6 +145,10 @@ class TrainConfig:
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
+        from .device import check_private, check_spelling
+
+        check_spelling(self.device, self.precision)
+        check_private(self.precision, self.private)
 
     @property
     def private(self) -> bool:
@@ -279,8 +288,13 @@ class Batches:
     """How a split becomes model inputs: token batches, or cached encoder features when only
     the head of a frozen mean-pooled encoder trains (:mod:`dptrain.features`)."""
 
-    def __init__(self, model, enc: dict, pad: int, cache_features: bool, progress: bool = False):
+    def __init__(self, model, enc: dict, pad: int, cache_features: bool, progress: bool = False,
+                 device=None, precision: str = "fp32"):
+        import torch
+
         self.enc, self.pad, self.features = enc, pad, None
+        self.device = torch.device("cpu") if device is None else device
+        self.precision = precision
         self.net = model
         if cache_features:
             from .features import feature_head, pooled_features
@@ -290,21 +304,31 @@ class Batches:
             bar = _bar(progress, sum(len(e) for e in enc.values()), "encoding (once)", "ex")
             sha = weights_sha256(model.encoder)  # once, not once per split
             self.features = {name: pooled_features(model, e, pad, progress=bar.update if bar else None,
-                                                   encoder_sha256=sha)
+                                                   encoder_sha256=sha, device=self.device,
+                                                   precision=precision)
                              for name, e in enc.items()}
             if bar is not None:
                 bar.close()
 
     def __call__(self, split: str, idx) -> dict:
+        """The model inputs of examples ``idx``: collated on the host, moved to the device once."""
         import torch
 
         from .data import collate
+        from .device import to_device
 
         if self.features is None:
-            return collate(self.enc[split], idx, self.pad)
+            return to_device(collate(self.enc[split], idx, self.pad), self.device)
         idx = np.asarray(idx, dtype=np.int64)
-        return {"features": self.features[split][torch.from_numpy(idx)],
-                "labels": torch.from_numpy(self.enc[split].labels[idx].copy())}
+        return to_device({"features": self.features[split][torch.from_numpy(idx)],
+                          "labels": torch.from_numpy(self.enc[split].labels[idx].copy())}, self.device)
+
+    def forward(self, split: str, idx):
+        """``net`` on examples ``idx``, in the run's precision (bf16: under autocast)."""
+        from .device import autocast
+
+        with autocast(self.device, self.precision):
+            return self.net(**self(split, idx))
 
 
 def evaluate(net, batches: "Batches", split: str, batch_size: int = 128) -> dict[str, Any]:
@@ -321,9 +345,9 @@ def evaluate(net, batches: "Batches", split: str, batch_size: int = 128) -> dict
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out = net(**batches(split, idx))
+            out = batches.forward(split, idx) if net is batches.net else net(**batches(split, idx))
             total_loss += float(out.loss) * len(idx)
-            preds[idx] = out.logits.argmax(-1).numpy()
+            preds[idx] = out.logits.argmax(-1).cpu().numpy()
     net.train(was_training)
     labels = np.asarray(encoded.labels)
     return {
@@ -465,7 +489,11 @@ def train_run(
 
     from .models import TINY, load_model, set_trainable
 
+    from .device import resolve
+
+    device, precision = resolve(config.device, config.precision, config.private)  # before writing
     model, tokenizer = load_model(config.model, data.num_labels, data.label_names, config.pooling)
+    model.to(device)
     check_max_length(model, tokenizer, config.max_length)
     trainable = config.trainable
     if trainable == "auto":
@@ -497,7 +525,8 @@ def train_run(
 
     from .features import cacheable
 
-    batches = Batches(model, enc, pad, cache_features=cacheable(model), progress=progress)
+    batches = Batches(model, enc, pad, cache_features=cacheable(model), progress=progress,
+                      device=device, precision=precision)
     net = batches.net  # what trains: the model, or its head on cached features
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -573,7 +602,7 @@ def train_run(
     net.train()
     for indices in sampler:
         for chunk in physical_batches(indices, physical, enc["train"].lengths):
-            outputs = net(**batches("train", chunk))
+            outputs = batches.forward("train", chunk)
             loss = float(outputs.loss.detach())
             if not math.isfinite(loss):
                 _diverged(out, config, dp, done, loss)
@@ -641,6 +670,7 @@ def train_run(
         "num_test": len(data.test), "num_validation": len(data.validation),
         "per_class": per_class_report(enc["test"].labels, test["predictions"], data.label_names),
         "chance_level": chance_level(enc["test"].labels, test["predictions"]),
+        "device": str(device), "precision": precision,
     }
     seconds = time.monotonic() - started
     if state is not None:

@@ -71,6 +71,7 @@ class EmbeddingRule(ClipRule):
         sample, ident, grad = cached if cached is not None else _ids_and_grads(
             module, calls, ctx.batch_size
         )
+        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         scaled = grad * coef.to(grad.dtype)[sample].unsqueeze(1)
         buf = grad_buffer(module.weight)
         buf.index_add_(0, ident, scaled.to(buf.dtype))

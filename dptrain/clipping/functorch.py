@@ -98,7 +98,10 @@ class FunctorchRule(ClipRule):
         ctx.scratch.pop(module, None)
         for n, per_sample in grads.items():
             param = getattr(module, n)
-            grad_buffer(param).add_(torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1))
+            if per_sample.dtype in (torch.float16, torch.bfloat16):
+                per_sample = per_sample.float()  # the sum in at least fp32, like the norms
+            summed = torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1)
+            grad_buffer(param).add_(summed.to(param.dtype))
 
 
 def _check_sums_to_batch_gradient(module, call, trainable, per_sample, name) -> None:

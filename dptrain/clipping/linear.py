@@ -111,14 +111,14 @@ class LinearRule(ClipRule):
             # (an attention block's q, k and v projections share one scaled input)
             if a.shape[-1] <= g.shape[-1]:
                 a, g_w = ctx.scaled(sources(calls), a, coef), g
-            else:
-                g_w = g * coef.to(g.dtype).view(-1, 1, 1)
+            else:  # in at least fp32, like the norms (see dptrain.device)
+                g_w = _upcast(g) * coef.to(_upcast(g).dtype).view(-1, 1, 1)
             flat_g = g_w.reshape(-1, g_w.shape[-1])
             flat_a = a.reshape(-1, a.shape[-1])
             lhs, rhs = (flat_a.t(), flat_g) if self.transposed else (flat_g.t(), flat_a)
             add_grad(module.weight, lhs, rhs)
         if module.bias is not None and ctx.trains(module, "bias"):
-            summed = torch.mv(g.sum(dim=1).t(), coef.to(g.dtype))
+            summed = torch.mv(_upcast(g).sum(dim=1).t(), coef.to(_upcast(g).dtype))
             if module.bias.grad is None:
                 module.bias.grad = summed.to(module.bias.dtype)
             else:

@@ -99,8 +99,14 @@ class FlushContext:
         return self._cached("gram", sources, compute)
 
     def scaled(self, sources: tuple[torch.Tensor, ...], x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """``coef_i · x_i`` for ``x`` [B, ...] built from ``sources`` (one clip factor per flush)."""
-        return self._cached("scaled", sources, lambda: x * coef.to(x.dtype).view(-1, *([1] * (x.dim() - 1))))
+        """``coef_i · x_i`` for ``x`` [B, ...] built from ``sources`` (one clip factor per flush),
+        in at least fp32: a clip factor rounded to bf16 could let a sample exceed C by 0.4%."""
+
+        def compute():
+            up = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            return up * coef.to(up.dtype).view(-1, *([1] * (up.dim() - 1)))
+
+        return self._cached("scaled", sources, compute)
 
     def _cached(self, kind: str, sources: tuple[torch.Tensor, ...], compute) -> torch.Tensor:
         key = (kind, *(fingerprint(s) for s in sources))
