@@ -19,6 +19,7 @@ optimizer and noise steps amortized in; ``s_per_logical_step`` is the whole logi
 
     python -m experiments.bench_speed --out bench_speed.json
     python -m experiments.bench_speed --logical-batch 256 --out bench_speed_256.json
+    python -m experiments.bench_speed --device cuda --out bench_gpu.json   # experiments.bench_gpu
 """
 
 from __future__ import annotations
@@ -222,6 +223,11 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--device" in argv and argv[argv.index("--device") + 1] != "cpu":
+        from experiments import bench_gpu  # the GPU benchmark: BERT/RoBERTa-base, T = 128
+
+        return bench_gpu.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=False, help="write the JSON result here")
     parser.add_argument("--data", default="default",
