@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import logging
 import sys
 from pathlib import Path
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the stopped run in --out (its saved configuration is used)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--nproc", type=_integer, default=1, help="processes on this machine "
+                       "(one per GPU): each trains on its part of every Poisson batch, noise "
+                       "is drawn once per step (torchrun -m dptrain train ... does the same "
+                       "across machines)")
     add_config_flags(train, TrainConfig)
     train.set_defaults(handler=_cmd_train)
 
@@ -256,10 +261,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         config = TrainConfig()
     else:
-        config = _config_from(args, TrainConfig)
-    summary = train_run(config, args.out, resume=args.resume, progress=not args.quiet)
-    print_table([summary])
-    print(f"run written to {summary.out_dir}")
+        config = _config_from(args, TrainConfig)  # bad flags are refused here, before any launch
+    from .distributed import init_from_env, launch
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .trainer import prepare_out_dir
+
+        prepare_out_dir(args.out, args.resume)  # refuse a taken --out before starting K processes
+        argv, skip = [], False
+        for token in args.argv:  # the same command without --nproc, in every process
+            if skip or token.startswith("--nproc="):
+                skip = False
+                continue
+            skip = token == "--nproc"
+            if not skip:
+                argv.append(token)
+        return launch(args.nproc, argv)
+    dist = init_from_env()  # under torchrun: join the group
+    summary = train_run(config, args.out, resume=args.resume,
+                        progress=not args.quiet and (dist is None or dist.main))
+    if dist is None or dist.main:
+        print_table([summary])
+        print(f"run written to {summary.out_dir}" + (f" ({dist.world} processes)" if dist else ""))
     return 0
 
 
@@ -404,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = _command_path(args)

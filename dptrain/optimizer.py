@@ -36,6 +36,8 @@ class DPOptimizer:
         expected_rows: if given, a callable returning how many samples the current logical batch
             holds; a step whose backpropagated samples differ raises (the accountant assumes the
             sampler's batches, not the caller's).
+        distributed: a :class:`~dptrain.distributed.Distributed` when K ranks share the logical
+            batch: their clipped sums are all-reduced and the noise is drawn once, on rank 0.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class DPOptimizer:
         sample_rate: float | None = None,
         noise: GaussianNoise | None = None,
         expected_rows: Callable[[], int] | None = None,
+        distributed=None,
     ):
         if not noise_multiplier >= 0:
             raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
@@ -82,6 +85,7 @@ class DPOptimizer:
         self.sample_rate = sample_rate
         self.noise = noise if noise is not None else GaussianNoise()
         self.expected_rows = expected_rows
+        self.distributed = distributed
         self.canaries = None  # a white-box audit's DiracCanaries, if attached
         self.steps = 0
 
@@ -143,6 +147,9 @@ class DPOptimizer:
         if self.sample_rate is None:
             raise ConfigError("gradient canaries are Poisson-sampled at the run's rate: create the "
                               "DPOptimizer with sample_rate (make_private does).")
+        if self.distributed is not None:
+            raise ConfigError("gradient canaries (white-box audit) run in one process; audit the "
+                              "recipe without --nproc.")
         names = {id(p): n for n, p in self.clipper.model.named_parameters()}
         canaries.bind(self.clipper.parameters, sample_rate=self.sample_rate,
                       steps=steps,
@@ -172,9 +179,14 @@ class DPOptimizer:
             )
 
     def noisy_sum(self) -> list[torch.Tensor]:
-        """Stage 'noise': ``p.grad += N(0, (σS)²)`` for every private parameter, in place."""
+        """Stage 'noise': ``p.grad += N(0, (σS)²)`` for every private parameter, in place. On K
+        ranks: rank 0 adds the noise to its part, then the parts are summed over the ranks, so
+        every rank holds Σ_B c_i G_i + one draw of the noise (:mod:`dptrain.distributed`)."""
         grads = self.clipper.grads()  # an empty logical batch still releases (pure) noise
-        self.noise.add_(grads, self.noise_multiplier * self.clipper.sensitivity)
+        if self.distributed is None or self.distributed.adds_noise:
+            self.noise.add_(grads, self.noise_multiplier * self.clipper.sensitivity)
+        if self.distributed is not None:
+            self.distributed.sum_(grads)
         return grads
 
     def _check_rows(self) -> None:

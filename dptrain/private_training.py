@@ -91,6 +91,7 @@ def make_private(
     loss_reduction: str = "mean",
     norm_method: str = "auto",
     seed: int | None = None,
+    distributed=None,
 ) -> PrivateTraining:
     """Attach DP-SGD to ``model`` and ``optimizer``.
 
@@ -105,6 +106,9 @@ def make_private(
         accountant: ``"prv"`` (tight, default) or ``"rdp"``.
         seed: fixes sampling and noise for reproducible experiments; by default both are seeded
             from the operating system.
+        distributed: a :class:`~dptrain.distributed.Distributed` (``distributed.current()``)
+            when K processes train together: each gets its part of every Poisson batch, and the
+            noise is drawn once per step (see :mod:`dptrain.distributed`).
     """
     if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
         raise ConfigError(f"num_examples must be an integer >= 1, got {num_examples!r}.")
@@ -140,7 +144,9 @@ def make_private(
         model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, norm_method=norm_method
     )
     seeds = [None, None] if seed is None else [int(s) for s in np.random.SeedSequence(seed).generate_state(2)]
-    sampler = PoissonSampler(num_examples, sample_rate, steps, seed=seeds[0])
+    if distributed is not None:  # one global Poisson mask on every rank, each keeps its part
+        seeds[0] = distributed.shared_seed(seeds[0])
+    sampler = PoissonSampler(num_examples, sample_rate, steps, seed=seeds[0], shard=distributed)
 
     def sampled_rows() -> int:
         if sampler.last_batch_size is None:
@@ -154,7 +160,7 @@ def make_private(
         dp_optimizer = DPOptimizer(
             optimizer, clipper, noise_multiplier=noise_multiplier,
             expected_batch_size=sample_rate * num_examples, ledger=ledger, sample_rate=sample_rate,
-            noise=GaussianNoise(seed=seeds[1]), expected_rows=sampled_rows,
+            noise=GaussianNoise(seed=seeds[1]), expected_rows=sampled_rows, distributed=distributed,
         )
     except Exception:
         clipper.detach()

@@ -23,7 +23,8 @@ from .errors import ConfigError
 class PoissonSampler:
     """``steps`` logical batches of indices in [0, N), each index included with probability q."""
 
-    def __init__(self, num_examples: int, sample_rate: float, steps: int, seed: int | None = None):
+    def __init__(self, num_examples: int, sample_rate: float, steps: int, seed: int | None = None,
+                 shard=None):
         if num_examples < 1:
             raise ConfigError(f"the dataset must have at least 1 example, got {num_examples}.")
         if not 0 < sample_rate <= 1:
@@ -34,7 +35,11 @@ class PoissonSampler:
         self.sample_rate = float(sample_rate)
         self.steps = int(steps)
         self.step = 0  # logical batches drawn so far
-        self.last_batch_size: int | None = None  # size of the logical batch drawn last
+        self.last_batch_size: int | None = None  # size of the logical batch drawn last (this rank's part)
+        self.last_global_batch_size: int | None = None  # ... of the whole logical batch
+        # with a :class:`~dptrain.distributed.Distributed`, every rank draws the same global mask
+        # (same seed) and yields its part: the union over ranks is the Poisson batch
+        self.shard = shard
         self._rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
 
     @property
@@ -49,6 +54,9 @@ class PoissonSampler:
             mask = self._rng.random(self.num_examples) < self.sample_rate
             self.step += 1
             indices = np.flatnonzero(mask)
+            self.last_global_batch_size = int(indices.size)
+            if self.shard is not None:
+                indices = self.shard.shard(indices)
             self.last_batch_size = int(indices.size)
             yield indices
 

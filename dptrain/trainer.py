@@ -454,6 +454,12 @@ def train_run(
     if gradient_canaries is not None and resume:
         raise ConfigError("a run with gradient canaries (a white-box audit) cannot be resumed: "
                           "start a new audit.")
+    from .distributed import current
+
+    dist = current()  # K processes (torchrun / --nproc): each trains on its part of every batch
+    if dist is not None and (gradient_canaries is not None or config.early_stopping):
+        raise ConfigError("early stopping and white-box audits run in one process; drop "
+                          "--nproc / torchrun for them.")
     if prepare_out_dir(out, resume):
         finish_bookkeeping(out)
         log.warning("%s holds a finished run; nothing left to train", out)
@@ -538,7 +544,7 @@ def train_run(
             net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
             target_epsilon=config.epsilon, delta=config.delta,
             max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
-            seed=config.dp_seed,
+            seed=config.dp_seed, distributed=dist,
         )
         step_optimizer, sampler = dp.optimizer, dp.sampler
         if gradient_canaries is not None:
@@ -547,7 +553,8 @@ def train_run(
         from .sampling import PoissonSampler
 
         step_optimizer = optimizer
-        sampler = PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
+        sampler = PoissonSampler(n, sample_rate, steps, shard=dist, seed=config.dp_seed if dist is None
+                                 else dist.shared_seed(config.dp_seed))
         if gradient_canaries is not None:
             named = [n_ for n_, p in model.named_parameters() if p.requires_grad]
             bound = clip_bound(config.max_grad_norm)
@@ -556,8 +563,12 @@ def train_run(
                                    divisor=sample_rate * n, names=named)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
 
-    # Everything that can be checked has been (data, model, δ, the reachable ε): now write.
-    if not resume:
+    # Everything that can be checked has been (data, model, δ, the reachable ε): now write
+    # (rank 0 only, once every rank has checked).
+    main = dist is None or dist.main
+    if dist is not None:
+        dist.barrier()
+    if not resume and main:
         rundir.make_dir(out)
         rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
         rundir.write_json(out / rundir.CONFIG, {
@@ -590,7 +601,7 @@ def train_run(
                                sampler=sampler, seeded=config.dp_seed is not None)
 
     checkpoint_every = config.checkpoint_every or steps_per_epoch
-    bar = _progress(progress, total=steps, initial=done, private=dp is not None)
+    bar = _progress(progress and main, total=steps, initial=done, private=dp is not None)
     step_optimizer.zero_grad()
     from .sampling import physical_batches
     # Cached features are small: the head takes a whole logical batch at once (the physical
@@ -605,7 +616,7 @@ def train_run(
             outputs = batches.forward("train", chunk)
             loss = float(outputs.loss.detach())
             if not math.isfinite(loss):
-                _diverged(out, config, dp, done, loss)
+                _diverged(out, config, dp, done, loss, write=main)
             outputs.loss.backward()
             loss_sum += loss * len(chunk)
             loss_n += len(chunk)
@@ -616,6 +627,11 @@ def train_run(
             grads = [p.grad for p in params]
             gradient_canaries.insert_unclipped(grads)
             gradient_canaries.observe(grads)
+        if dist is not None and dp is None:  # non-private on K ranks: average, as DDP does
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            dist.mean_([p.grad for p in params])
         step_optimizer.step()
         step_optimizer.zero_grad()
         scheduler.step()
@@ -645,7 +661,7 @@ def train_run(
             if dp is not None and curves:
                 post["eps"] = f"{curves[-1]['epsilon']:.2f}@{curves[-1]['step']}/{config.epsilon:g}"
             bar.set_postfix(post, refresh=False)
-        if done < steps and (done % checkpoint_every == 0):
+        if main and done < steps and (done % checkpoint_every == 0):
             from .checkpoint import save_checkpoint
 
             elapsed = time.monotonic() - started + (float(state.get("seconds", 0.0)) if state else 0.0)
@@ -677,7 +693,8 @@ def train_run(
         seconds += float(state.get("seconds", 0.0))
     metrics["train_seconds"] = seconds
     privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
-    _write_final(out, model, tokenizer, privacy, metrics, curves, config)
+    if main:
+        _write_final(out, model, tokenizer, privacy, metrics, curves, config)
     return RunSummary(out, config, privacy, metrics, seconds,
                       test_correct=np.asarray(test["predictions"]) == np.asarray(enc["test"].labels))
 
@@ -704,18 +721,19 @@ def check_max_length(model, tokenizer, max_length: int) -> None:
                           f"got {max_length}.")
 
 
-def _diverged(out: Path, config, dp, done: int, loss: float) -> None:
+def _diverged(out: Path, config, dp, done: int, loss: float, write: bool = True) -> None:
     """Stop on a non-finite loss, recording the privacy already spent; raises."""
     from .errors import TrainingDiverged
 
     spent = ""
     if dp is not None:
         eps = dp.epsilon()
-        rundir.write_json(out / "diverged.json", {
-            "step": done, "loss": loss, "epsilon_spent": eps, "delta": dp.delta,
-            "ledger": dp.ledger.state_dict(),
-            "note": "training stopped on a non-finite loss; no model was released",
-        })
+        if write:
+            rundir.write_json(out / "diverged.json", {
+                "step": done, "loss": loss, "epsilon_spent": eps, "delta": dp.delta,
+                "ledger": dp.ledger.state_dict(),
+                "note": "training stopped on a non-finite loss; no model was released",
+            })
         spent = f"; ε = {eps:.3g} was spent (recorded in {out / 'diverged.json'})"
     raise TrainingDiverged(
         f"training diverged at step {done + 1}: the loss is {loss} (lower --lr, now {config.lr:g}){spent}."
