@@ -151,3 +151,61 @@ def test_train_on_two_processes_spends_the_same_privacy_as_one(tmp_path):
     # the same recipe, batches and noise (dp_seed): the same model up to summation order
     assert abs(one["metrics"]["accuracy"] - two["metrics"]["accuracy"]) <= 0.1
     assert not math.isnan(two["metrics"]["loss"])
+
+
+def _descendant_with_rank(root: int, rank: int) -> int | None:
+    """The pid of a process under ``root`` whose environment says RANK=<rank> (a torchrun worker)."""
+    from pathlib import Path
+
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            env = []
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+        todo += children.get(pid, [])
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc")
+def test_a_killed_rank_stops_the_job_and_resume_on_another_k_keeps_the_epsilon(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--synthetic-per-intent", "30", "--epochs", "6", "--batch-size",
+            "32", "--lr", "3e-3", "--epsilon", "4", "--checkpoint-every", "3", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain", "train", *args, "--out", str(out),
+                             "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the end"
+        time.sleep(0.01)
+    worker = _descendant_with_rank(proc.pid, 1)
+    assert worker is not None
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # the whole job stopped, not just one rank
+    assert not (out / "privacy.json").exists()
+    stopped = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert stopped >= 3
+
+    resumed = subprocess.run([sys.executable, "-m", "dptrain", "train", "--resume", "--out", str(out),
+                              "--quiet", "--nproc", "1"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    privacy = json.loads((out / "privacy.json").read_text())
+    # the steps before the kill are counted once: the run ends at its planned steps and ε
+    assert privacy["steps"] == privacy["planned_steps"]
+    assert 0.9 * 4 < privacy["epsilon"] <= 4.0
