@@ -155,6 +155,7 @@ def run_membership_inference(
     max_eval: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Attack the run in ``run_dir``; write report.json, roc.png and scores.npz to ``out_dir``.
 
@@ -167,6 +168,7 @@ def run_membership_inference(
       confidence: of every empirical ε bound, in (0.5, 1).
       max_eval: cap on the members (and on the non-members) evaluated.
       seed: of the shadows' assignment, the balancing subsample and RMIA's population draw.
+      device: where shadows train and signals are computed (``auto``: CUDA when available).
 
     Returns the report (the content of report.json). Raises ConfigError, DataError or ModelError
     for bad input, before any training.
@@ -179,7 +181,10 @@ def run_membership_inference(
     from attacks.signals import compute_signals
     from dptrain.outputs import check_writable
 
+    from dptrain.device import resolve
+
     started = time.monotonic()
+    torch_device = resolve(device, "fp32")[0]  # refused here when it is not there
     names = _check_attacks(attacks)
     _check_options(confidence, max_eval, seed)
     need_reference = any(ATTACKS[a].needs_reference for a in names)
@@ -198,12 +203,14 @@ def run_membership_inference(
               flush=True)
     model, tokenizer = load_quietly(target.run_dir)
     target_signals = compute_signals(model, tokenizer, target.population.texts,
-                                     target.population.labels, max_length=target.config.max_length)
+                                     target.population.labels, max_length=target.config.max_length,
+                                     device=torch_device)
     del model
 
     shadows = None
     if need_reference:
-        shadows = ensure_shadows(target, n_shadows, root=shadow_dir, seed=seed, progress=progress)
+        shadows = ensure_shadows(target, n_shadows, root=shadow_dir, seed=seed, progress=progress,
+                                 device=device)
 
     claimed_delta = target.privacy.get("delta")
     delta = float(claimed_delta) if claimed_delta is not None else NONPRIVATE_DELTA

@@ -330,6 +330,7 @@ def ensure_shadows(
     root: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str = "auto",
 ) -> ShadowSet:
     """Train the missing shadows of ``target``'s cache, reuse the rest; return all K.
 
@@ -351,9 +352,9 @@ def ensure_shadows(
             out = _shadow_dir(cache, index)
             if bar is not None:
                 bar.set_description(f"shadow {index}: {_DOING[_shadow_state(out, np.flatnonzero(in_mask[index]))]}")
-            state = _train_missing(target, cache, key, in_mask, index, seed)
+            state = _train_missing(target, cache, key, in_mask, index, seed, device)
             {"finished": reused, "stopped": resumed}.get(state, trained).append(index)
-            signals.append(_shadow_signals(out, target))
+            signals.append(_shadow_signals(out, target, device))
             if bar is not None:
                 bar.set_postfix_str(f"reused {len(reused)}, trained {len(trained) + len(resumed)}")
                 bar.update(1)
@@ -370,7 +371,7 @@ def ensure_shadows(
 
 
 def train_shadow(target: TargetRun, n_shadows: int, index: int, *, root: str | Path | None = None,
-                 seed: int = 0) -> str:
+                 seed: int = 0, device: str = "auto") -> str:
     """Make shadow ``index`` of ``target``'s cache finished, as :func:`ensure_shadows` would, and
     say what that took ("finished": nothing; "new", "stopped", "stale": trained, resumed,
     restarted). Touches only that shadow's directory (and writes the same cache.json), so the
@@ -380,7 +381,7 @@ def train_shadow(target: TargetRun, n_shadows: int, index: int, *, root: str | P
         raise ConfigError(f"shadow index must be an integer in [0, {k}), got {index!r}.")
     seed = _check_seed(seed)
     cache, key, in_mask = _prepare_cache(target, k, root, seed)
-    return _train_missing(target, cache, key, in_mask, index, seed)
+    return _train_missing(target, cache, key, in_mask, index, seed, device)
 
 
 def _prepare_cache(target: TargetRun, k: int, root, seed: int):
@@ -405,7 +406,7 @@ def _prepare_cache(target: TargetRun, k: int, root, seed: int):
 
 
 def _train_missing(target: TargetRun, cache: Path, key: str, in_mask: np.ndarray, index: int,
-                   seed: int) -> str:
+                   seed: int, device: str = "auto") -> str:
     """Train, resume or restart shadow ``index`` unless it is finished; return its prior state."""
     from dptrain.data import IntentData, Split
     from dptrain.trainer import train_run
@@ -423,7 +424,7 @@ def _train_missing(target: TargetRun, cache: Path, key: str, in_mask: np.ndarray
         source=f"{target.data.source} (shadow {index}: half of the population)")
     # reference models see the population only: never the target's secret canaries
     config = dataclasses.replace(target.config, seed=shadow_seed(seed, index),
-                                 dp_seed=None, secrets=None)
+                                 dp_seed=None, secrets=None, device=device)
     extra = {"shadow": {"index": index, "cache_key": key, "assignment_seed": seed,
                         "population_fingerprint": target.population_fingerprint,
                         "note": "validation/test are the target's splits and overlap "
@@ -487,7 +488,7 @@ def _shadow_state(out: Path, ids: np.ndarray) -> str:
     return "stale" if any(out.iterdir()) else "new"
 
 
-def _shadow_signals(out: Path, target: TargetRun) -> Signals:
+def _shadow_signals(out: Path, target: TargetRun, device: str = "auto") -> Signals:
     """The shadow's signals on the population, from signals.npz or computed once and saved."""
     from attacks.signals import compute_signals
 
@@ -498,9 +499,11 @@ def _shadow_signals(out: Path, target: TargetRun) -> Signals:
             return signals
         log.warning("%s holds signals of %d examples, not %d: recomputing", path, len(signals),
                     target.n_population)
+    from dptrain.device import resolve
+
     model, tokenizer = load_quietly(out)
     signals = compute_signals(model, tokenizer, target.population.texts, target.population.labels,
-                              max_length=target.config.max_length)
+                              max_length=target.config.max_length, device=resolve(device, "fp32")[0])
     signals.save(path)
     return signals
 

@@ -82,11 +82,17 @@ def load_classifier(run_dir: str | Path):
 
 
 def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int], *,
-                    max_length: int = 64, batch_size: int = 128) -> Signals:
-    """Signals of ``model`` on labelled texts (labels are class ids of the model's head)."""
+                    max_length: int = 64, batch_size: int = 128, device=None) -> Signals:
+    """Signals of ``model`` on labelled texts (labels are class ids of the model's head), computed
+    on ``device`` (a torch.device; default: where the model is)."""
     import torch
 
     from dptrain.data import Split, collate, encode
+    from dptrain.device import to_device
+
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
 
     labels = np.asarray(labels, dtype=np.int64)
     encoded = encode(tokenizer, Split(tuple(texts), labels), max_length)
@@ -97,8 +103,9 @@ def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int
 
         model.eval()
         with torch.no_grad():
-            features = pooled_features(model, encoded, tokenizer.pad_token_id)
-            logits = model.classifier(features.to(model.classifier.weight.dtype)).double().numpy()
+            features = pooled_features(model, encoded, tokenizer.pad_token_id, device=device)
+            weight = model.classifier.weight
+            logits = model.classifier(features.to(device=device, dtype=weight.dtype)).double().cpu().numpy()
         return signals_from_logits(logits, labels)
     order = np.argsort(encoded.lengths, kind="stable")
     logits = np.empty((len(labels), model.config.num_labels), dtype=np.float64)
@@ -109,6 +116,6 @@ def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int
             idx = order[start : start + batch_size]
             batch = collate(encoded, idx, tokenizer.pad_token_id)
             batch.pop("labels", None)
-            logits[idx] = model(**batch).logits.double().numpy()
+            logits[idx] = model(**to_device(batch, device)).logits.double().cpu().numpy()
     model.train(was_training)
     return signals_from_logits(logits, labels)

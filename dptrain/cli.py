@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threads-per-job", type=_integer, default=None, help="PyTorch threads "
                        "(Ray: CPUs) per job (default: cores / workers; 1 on Ray)")
     sweep.add_argument("--ray-address", default=None, help="the Ray cluster to join")
+    sweep.add_argument("--device", default="auto", help="where every job trains and attacks: "
+                       "auto (CUDA when available) | cpu | cuda | cuda:N | mps; not part of the "
+                       "sweep's identity (continue it on another device)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(handler=_cmd_sweep)
     attack = sub.add_parser("attack", help="attack a trained run: membership inference, "
@@ -203,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "smaller group)")
     mia.add_argument("--seed", type=_integer, default=0,
                      help="seed of the shadow assignment, the balancing and RMIA (default: 0)")
+    mia.add_argument("--device", default="auto", help="where shadow models train and signals "
+                     "are computed: auto (CUDA when available) | cpu | cuda | cuda:N | mps")
     mia.add_argument("--quiet", action="store_true", help="no progress bar")
     mia.set_defaults(handler=_cmd_attack_mia)
     extract = attack_sub.add_parser(
@@ -356,7 +361,7 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
     report = run_membership_inference(
         args.run, args.out, n_shadows=args.shadows, attacks=args.attacks.split(","),
         shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
-        seed=args.seed, progress=not args.quiet)
+        seed=args.seed, progress=not args.quiet, device=args.device)
     rows = [["attack", "AUC", "TPR@0.1%", "TPR@1%", "TPR@10%", "eps_lb CP", "eps_lb GDP"]]
     for name, a in report["attacks"].items():
         rows.append([name, f"{a['auc']:.3f}",
@@ -378,7 +383,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     rows = run_sweep(args.config, args.out, progress=not args.quiet, workers=args.workers,
                      backend=args.backend, threads_per_job=args.threads_per_job,
-                     ray_address=args.ray_address)
+                     ray_address=args.ray_address, device=args.device)
     print_rows(summary_table(rows))
     print(f"sweep written to {args.out}: {RESULTS}, timing.json, plots (*.png, *.svg), {REPORT}")
     return 0

@@ -77,13 +77,16 @@ class SweepConfig:
         order = sorted(self.epsilons, key=lambda e: (not math.isinf(e), -e))
         return [(v, s, e) for v in self.variants for s in self.seeds for e in order]
 
-    def train_config(self, variant: str, seed: int, epsilon: float, *, secrets: bool = True):
+    def train_config(self, variant: str, seed: int, epsilon: float, *, secrets: bool = True,
+                     device: str | None = None):
         """The cell's recipe; with the extraction's secrets planted unless ``secrets`` is False
-        (the audits' own runs)."""
+        (the audits' own runs); on ``device`` when given (where a job runs is not the recipe)."""
         from dptrain.trainer import TrainConfig
 
         fields = {"data": self.data, "model": self.model, **self.recipe, **self.variants[variant],
                   "epsilon": epsilon, "seed": seed}
+        if device is not None:
+            fields["device"] = device
         if "extraction" in self.attacks:
             fields["secrets"] = self.secrets if secrets else None
         return TrainConfig(**fields)
@@ -231,7 +234,7 @@ def _differences(saved, config) -> str:
     differ = []
     for f in dataclasses.fields(TrainConfig):
         want, got = getattr(config, f.name), getattr(saved, f.name)
-        if want is None or want == "auto" or got == want:
+        if want is None or want == "auto" or got == want or f.name == "device":  # where, not what
             continue
         differ.append(f"{f.name} {got!r} instead of {want!r}")
     return ", ".join(differ)
@@ -281,6 +284,7 @@ class Job:
     config: dict
     cell: tuple[str, int, float]
     shadow: int = -1  # stage "shadows": which shadow model of the cell's cache
+    device: str = "auto"  # where it runs (not part of the sweep's identity)
 
     @property
     def name(self) -> str:
@@ -303,7 +307,7 @@ def _train_cell(cfg: SweepConfig, out: Path, job: Job) -> str:
     from dptrain.trainer import train_run
 
     where = cell_dir(out, *job.cell)
-    recipe = cfg.train_config(*job.cell)
+    recipe = cfg.train_config(*job.cell, device=job.device)
     action = run_plan(where, recipe)  # reuse, resume, or restart from scratch
     if action == "reuse":
         return "reused"
@@ -325,7 +329,7 @@ def _train_shadow(cfg: SweepConfig, out: Path, job: Job) -> str:
 
     target = load_target(cell_dir(out, *job.cell))
     state = train_shadow(target, cfg.attacks["mia"].get("shadows", 8), job.shadow,
-                         root=out / "shadows")
+                         root=out / "shadows", device=job.device)
     return {"finished": "reused", "new": "ran", "stopped": "resumed", "stale": "restarted"}[state]
 
 
@@ -338,7 +342,7 @@ def _membership(cfg: SweepConfig, out: Path, job: Job) -> str:
     if (cell / "attacks" / "report.json").exists():
         return "reused"
     run_membership_inference(cell, cell / "attacks", n_shadows=cfg.attacks["mia"].get("shadows", 8),
-                             shadow_dir=out / "shadows", progress=False)
+                             shadow_dir=out / "shadows", progress=False, device=job.device)
     return "ran"
 
 
@@ -358,7 +362,7 @@ def _natural_audit(cfg: SweepConfig, out: Path, job: Job) -> str:
     if where.exists():
         shutil.rmtree(where)  # the sweep's own audit, stopped before it wrote its plan
     where.parent.mkdir(parents=True, exist_ok=True)
-    run_audit(cfg.train_config(*job.cell, secrets=False), where,
+    run_audit(cfg.train_config(*job.cell, secrets=False, device=job.device), where,
               AuditRunOptions(canaries=cfg.attacks["audit"].get("canaries")), progress=False)
     return "ran"
 
@@ -377,7 +381,7 @@ def _white_box(cfg: SweepConfig, out: Path, job: Job) -> str:
     if restarted:
         shutil.rmtree(where)
     where.parent.mkdir(parents=True, exist_ok=True)
-    run_white_box_audit(cfg.train_config(*job.cell, secrets=False), where,
+    run_white_box_audit(cfg.train_config(*job.cell, secrets=False, device=job.device), where,
                         WhiteBoxOptions(canaries=cfg.attacks["white_box"].get("canaries")),
                         progress=False)
     return "restarted" if restarted else "ran"
@@ -400,10 +404,10 @@ _STAGE_RUNNERS = {"train": _train_cell, "shadows": _train_shadow, "audit": _natu
                   "white_box": _white_box, "extraction": _extraction, "mia": _membership}
 
 
-def plan_jobs(cfg: SweepConfig, out: Path, stage: str) -> list[Job]:
+def plan_jobs(cfg: SweepConfig, out: Path, stage: str, device: str = "auto") -> list[Job]:
     """The jobs of one stage. Shadow jobs need the cells trained: one job per shadow model of
     each distinct cache (cells whose recipe and population agree share their shadows)."""
-    base = {"out": str(out), "config": cfg.to_dict()}
+    base = {"out": str(out), "config": cfg.to_dict(), "device": device}
     cells = cfg.cells()
     if stage == "train":
         return [Job("train", cell=c, **base) for c in cells]
@@ -425,7 +429,7 @@ def plan_jobs(cfg: SweepConfig, out: Path, stage: str) -> list[Job]:
 def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
               progress: bool = True, workers: int = 1, backend: str = "local",
               threads_per_job: int | None = None, ray_address: str | None = None,
-              command: str = COMMAND) -> list[dict[str, Any]]:
+              command: str = COMMAND, device: str = "auto") -> list[dict[str, Any]]:
     """Run (or continue) every job, then write results.csv, timing.json, the plots and report.html.
 
     ``workers``/``backend``/``threads_per_job``/``ray_address``: where the jobs run
@@ -443,6 +447,10 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
     check(backend, workers, threads_per_job)
+    from dptrain.device import check_spelling, resolve
+
+    # where the jobs run: this machine's device now; on Ray, each node's when its job starts
+    resolve(device, "fp32", private=False) if backend == "local" else check_spelling(device, "auto")
     outputs = OutputDir(out_dir, command)
     out = outputs.path
     dirs = [d for d, needs in (("cells", None), ("shadows", "mia"), ("audits", "audit"),
@@ -473,7 +481,7 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
         if bar is not None:
             bar.write(f"[sweep] {len(cfg.cells())} cells; jobs run in {executor.describe()}")
         for stage in STAGES:
-            jobs = plan_jobs(cfg, out, stage)
+            jobs = plan_jobs(cfg, out, stage, device)
             if not jobs:
                 continue
             started, ran = time.monotonic(), []

@@ -176,6 +176,25 @@ def test_a_missing_device_is_refused_in_one_line_before_anything_is_written(tmp_
     assert not out.exists()
 
 
+def test_attack_and_sweep_refuse_a_missing_device_before_writing(tmp_path, capsys):
+    import yaml
+
+    from dptrain.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be observed")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"data": "synthetic", "model": "tiny", "epsilons": ["inf"],
+                                      "seeds": [0]}))
+    for argv in (["sweep", "--config", str(config), "--out", str(tmp_path / "s"), "--device", "cuda"],
+                 ["attack", "mia", "--run", str(tmp_path), "--out", str(tmp_path / "a"),
+                  "--device", "cuda:3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no CUDA device" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
