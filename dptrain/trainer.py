@@ -445,10 +445,6 @@ def train_run(
             inserted into every step (through clipping and noise in a private run, raw in a
             non-private one); such a run cannot be resumed (the canaries' state is not saved).
     """
-    import torch
-
-    from .data import encode, load_intent_data
-
     started = time.monotonic()
     out = Path(out_dir)
     if gradient_canaries is not None and resume:
@@ -464,20 +460,61 @@ def train_run(
         finish_bookkeeping(out)
         log.warning("%s holds a finished run; nothing left to train", out)
         return RunSummary.load(out)
-    state = None
+    config, state = _config_and_checkpoint(config, out, resume, data)
+    run, written = _build(config, out, data, state, dist, gradient_canaries, progress)
+
+    # Everything that can be checked has been (data, model, δ, the reachable ε): now write
+    # (rank 0 only, once every rank has checked).
+    if dist is not None:
+        dist.barrier()
+    if not resume and run.main:
+        _write_start(run, written, member_ids, extra_info)
+
+    from .loop import TrainingLoop
+
+    loop = TrainingLoop(run, evaluate=evaluate, on_step=on_step, started=started,
+                        on_divergence=lambda done, loss: _diverged(out, run.config, run.dp, done,
+                                                                   loss, write=run.main))
+    if gradient_canaries is not None and run.dp is None:  # non-private: raw spikes, no noise
+        loop.before_release.append(lambda grads: (gradient_canaries.insert_unclipped(grads),
+                                                  gradient_canaries.observe(grads)))
+    if dist is not None and run.dp is None:  # non-private on K ranks: average, as DDP does
+        loop.before_release.append(dist.mean_)
+    if state is not None:
+        loop.resume_from(state)
+    loop.bar = _progress(progress and run.main, total=run.steps, initial=loop.done,
+                         private=run.dp is not None)
+    loop()
+    return _finish(run, loop, started)
+
+
+def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
+    """The config to train with (a resumed run's own, from config.json) and the checkpoint."""
     if resume:
         from .checkpoint import load_state
 
         rundir.recover_dir(out / rundir.CHECKPOINT)
         rundir.clean_temporaries(out)
         saved = rundir.read_json(out / rundir.CONFIG)
-        config = TrainConfig.from_dict(saved["config"])
-        state = load_state(out / rundir.CHECKPOINT)
-    elif data is None and config.data != "synthetic" and Path(config.data).exists():
+        return TrainConfig.from_dict(saved["config"]), load_state(out / rundir.CHECKPOINT)
+    if data is None and config.data != "synthetic" and Path(config.data).exists():
         # the resolved path, so that --resume and attacks work from any working directory
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
-    if not resume and config.secrets is not None and Path(config.secrets).expanduser().is_file():
+    if config.secrets is not None and Path(config.secrets).expanduser().is_file():
         config = dataclasses.replace(config, secrets=str(Path(config.secrets).expanduser().resolve()))
+    return config, None
+
+
+def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries, progress: bool):
+    """Data, model, device, recipe, batches, optimizer, DP and sampler: a :class:`~dptrain.loop.
+    Run`, every check done and nothing written; and what the run directory will record of them."""
+    import torch
+
+    from .data import encode, load_intent_data
+    from .device import resolve
+    from .features import cacheable
+    from .loop import Run
+    from .models import TINY, MeanPoolingClassifier, load_model, set_trainable
 
     torch.manual_seed(config.seed)
     if data is None:
@@ -492,20 +529,13 @@ def train_run(
             f"the training data of {out} changed since the run started (fingerprint mismatch); "
             "resume needs the same data."
         )
-
-    from .models import TINY, load_model, set_trainable
-
-    from .device import resolve
-
-    device, precision = resolve(config.device, config.precision, config.private)  # before writing
+    device, precision = resolve(config.device, config.precision, config.private)
     model, tokenizer = load_model(config.model, data.num_labels, data.label_names, config.pooling)
     model.to(device)
     check_max_length(model, tokenizer, config.max_length)
     trainable = config.trainable
     if trainable == "auto":
         trainable = "all" if config.model == TINY else "head"
-    from .models import MeanPoolingClassifier
-
     config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier))
     n_trainable = set_trainable(model, config.trainable)
     set_head_dropout(model, config.head_dropout)  # refuses a value given for another model
@@ -516,24 +546,19 @@ def train_run(
     if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that
         from .secret_canaries import insert_secrets, parse_spec, plant_secrets, read_secrets
 
-        planted = read_secrets(out) if resume else plant_secrets(
+        planted = read_secrets(out) if state is not None else plant_secrets(
             parse_spec(config.secrets), data.label_names, tokenizer, config.max_length,
             config.dp_seed)
         data = insert_secrets(data, planted)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
-    pad = tokenizer.pad_token_id
     n = len(data.train)
     if config.batch_size > n:
         raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
     sample_rate = config.batch_size / n
     steps = max(1, round(config.epochs / sample_rate))
-    steps_per_epoch = max(1, round(1 / sample_rate))
 
-    from .features import cacheable
-
-    batches = Batches(model, enc, pad, cache_features=cacheable(model), progress=progress,
-                      device=device, precision=precision)
-    net = batches.net  # what trains: the model, or its head on cached features
+    batches = Batches(model, enc, tokenizer.pad_token_id, cache_features=cacheable(model),
+                      progress=progress, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     dp = None
@@ -541,7 +566,7 @@ def train_run(
         from .private_training import make_private
 
         dp = make_private(
-            net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
+            batches.net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
             target_epsilon=config.epsilon, delta=config.delta,
             max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
             seed=config.dp_seed, distributed=dist,
@@ -562,141 +587,67 @@ def train_run(
                                    sensitivity=1.0 if bound == "auto" else float(bound),
                                    divisor=sample_rate * n, names=named)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
+              batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
+              scheduler=scheduler, sampler=sampler, dp=dp, dist=dist, device=device,
+              precision=precision, sample_rate=sample_rate, steps=steps,
+              train_fingerprint=train_print, state=state)
+    return run, {"n_trainable": n_trainable, "n_natural": n_natural, "planted": planted}
 
-    # Everything that can be checked has been (data, model, δ, the reachable ε): now write
-    # (rank 0 only, once every rank has checked).
-    main = dist is None or dist.main
-    if dist is not None:
-        dist.barrier()
-    if not resume and main:
-        rundir.make_dir(out)
-        rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
-        rundir.write_json(out / rundir.CONFIG, {
-            "config": config.to_dict(),
-            "data": {"source": data.source, "label_names": list(data.label_names),
-                     "sizes": {k: len(v) for k, v in data.splits.items()},
-                     "train_fingerprint": train_print},
-            "model": {"class": type(model).__name__, "trainable_parameters": n_trainable,
-                      "total_parameters": sum(p.numel() for p in model.parameters())},
-            **({"extra": extra_info} if extra_info else {}),
-        })
-        ids = np.arange(n_natural) if member_ids is None else np.asarray(member_ids)
-        rundir.write_json(out / rundir.MEMBERS, {
-            "description": "identifiers of the examples in the training set (members); every one "
-                           "of them could be sampled into any batch",
-            "data": data.source, "num_members": n_natural, "member_ids": ids.tolist(),
-            "train_fingerprint": train_print,
-        })
-        if planted is not None:
-            from .secret_canaries import write_secrets
 
-            write_secrets(out, planted, config.secrets)
+def _write_start(run, written: dict[str, Any], member_ids, extra_info) -> None:
+    """config.json, members.json (and the secrets) of a new run directory."""
+    out, config, data = run.out, run.config, run.data
+    rundir.make_dir(out)
+    rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
+    rundir.write_json(out / rundir.CONFIG, {
+        "config": config.to_dict(),
+        "data": {"source": data.source, "label_names": list(data.label_names),
+                 "sizes": {k: len(v) for k, v in data.splits.items()},
+                 "train_fingerprint": run.train_fingerprint},
+        "model": {"class": type(run.model).__name__, "trainable_parameters": written["n_trainable"],
+                  "total_parameters": sum(p.numel() for p in run.model.parameters())},
+        **({"extra": extra_info} if extra_info else {}),
+    })
+    n_natural = written["n_natural"]
+    ids = np.arange(n_natural) if member_ids is None else np.asarray(member_ids)
+    rundir.write_json(out / rundir.MEMBERS, {
+        "description": "identifiers of the examples in the training set (members); every one "
+                       "of them could be sampled into any batch",
+        "data": data.source, "num_members": n_natural, "member_ids": ids.tolist(),
+        "train_fingerprint": run.train_fingerprint,
+    })
+    if written["planted"] is not None:
+        from .secret_canaries import write_secrets
 
-    curves: list[dict[str, Any]] = []
-    done = 0
-    if state is not None:
-        from .checkpoint import restore
+        write_secrets(out, written["planted"], config.secrets)
 
-        done, curves = restore(state, model=model, optimizer=optimizer, scheduler=scheduler, dp=dp,
-                               sampler=sampler, seeded=config.dp_seed is not None)
 
-    checkpoint_every = config.checkpoint_every or steps_per_epoch
-    bar = _progress(progress and main, total=steps, initial=done, private=dp is not None)
-    step_optimizer.zero_grad()
-    from .sampling import physical_batches
-    # Cached features are small: the head takes a whole logical batch at once (the physical
-    # batch size only bounds memory and never changes the result).
-    physical = config.physical_batch_size if batches.features is None else max(config.physical_batch_size, 4096)
-    every = max(1, math.ceil(config.epochs / 10))  # epochs between evaluations
-    loss_sum, loss_n = 0.0, 0
-    stopped_early = False
-    net.train()
-    for indices in sampler:
-        for chunk in physical_batches(indices, physical, enc["train"].lengths):
-            outputs = batches.forward("train", chunk)
-            loss = float(outputs.loss.detach())
-            if not math.isfinite(loss):
-                _diverged(out, config, dp, done, loss, write=main)
-            outputs.loss.backward()
-            loss_sum += loss * len(chunk)
-            loss_n += len(chunk)
-        if gradient_canaries is not None and dp is None:  # non-private: raw spikes, no noise
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
-            gradient_canaries.insert_unclipped(grads)
-            gradient_canaries.observe(grads)
-        if dist is not None and dp is None:  # non-private on K ranks: average, as DDP does
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            dist.mean_([p.grad for p in params])
-        step_optimizer.step()
-        step_optimizer.zero_grad()
-        scheduler.step()
-        done += 1
-        # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number. The
-        # curve gets a point every `every` epochs (at most ~10 points: each computes ε exactly).
-        end_of_epoch = (math.floor(done * sample_rate / every + 1e-9)
-                        > math.floor((done - 1) * sample_rate / every + 1e-9))
-        if end_of_epoch or done == steps:
-            val = evaluate(net, batches, "validation")
-            curves.append({  # ε exactly as spent at this step: never a stale value
-                "step": done, "epoch": done * sample_rate,
-                "train_loss": loss_sum / max(loss_n, 1),
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "epsilon": dp.epsilon() if dp is not None else float("inf"),
-            })
-            loss_sum, loss_n = 0.0, 0
-            if stalled(curves, config.early_stopping):
-                log.warning("early stopping after step %d: the validation loss has not improved "
-                            "for %d evaluations", done, config.early_stopping)
-                stopped_early = True
-        if bar is not None:
-            bar.update(1)
-            post = {"loss": f"{curves[-1]['train_loss']:.3f}" if curves else "…"}
-            if curves:
-                post["val_acc"] = f"{curves[-1]['val_accuracy']:.3f}"
-            if dp is not None and curves:
-                post["eps"] = f"{curves[-1]['epsilon']:.2f}@{curves[-1]['step']}/{config.epsilon:g}"
-            bar.set_postfix(post, refresh=False)
-        if main and done < steps and (done % checkpoint_every == 0):
-            from .checkpoint import save_checkpoint
-
-            elapsed = time.monotonic() - started + (float(state.get("seconds", 0.0)) if state else 0.0)
-            save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
-                            scheduler=scheduler, dp=dp, sampler=sampler, step=done, curves=curves,
-                            fingerprint=train_print, seeded=config.dp_seed is not None,
-                            seconds=elapsed)
-        if on_step is not None:
-            on_step(done)
-        if stopped_early:
-            break
-    if bar is not None:
-        bar.close()
-
-    if dp is not None:
-        dp.detach()
-    test = evaluate(net, batches, "test")
-    val = evaluate(net, batches, "validation")
+def _finish(run, loop, started: float) -> RunSummary:
+    """Test and validation metrics, the privacy record, the final files (rank 0)."""
+    if run.dp is not None:
+        run.dp.detach()
+    test = evaluate(run.net, run.batches, "test")
+    val = evaluate(run.net, run.batches, "validation")
+    labels = run.enc["test"].labels
     metrics = {
         "accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "loss": test["loss"],
         "validation_accuracy": val["accuracy"], "validation_macro_f1": val["macro_f1"],
-        "num_test": len(data.test), "num_validation": len(data.validation),
-        "per_class": per_class_report(enc["test"].labels, test["predictions"], data.label_names),
-        "chance_level": chance_level(enc["test"].labels, test["predictions"]),
-        "device": str(device), "precision": precision,
+        "num_test": len(run.data.test), "num_validation": len(run.data.validation),
+        "per_class": per_class_report(labels, test["predictions"], run.data.label_names),
+        "chance_level": chance_level(labels, test["predictions"]),
+        "device": str(run.device), "precision": run.precision,
     }
     seconds = time.monotonic() - started
-    if state is not None:
-        seconds += float(state.get("seconds", 0.0))
+    if run.state is not None:
+        seconds += float(run.state.get("seconds", 0.0))
     metrics["train_seconds"] = seconds
-    privacy = _privacy_record(config, dp, n, sample_rate, steps, done)
-    if main:
-        _write_final(out, model, tokenizer, privacy, metrics, curves, config)
-    return RunSummary(out, config, privacy, metrics, seconds,
-                      test_correct=np.asarray(test["predictions"]) == np.asarray(enc["test"].labels))
+    n = len(run.data.train)
+    privacy = _privacy_record(run.config, run.dp, n, run.sample_rate, run.steps, loop.done)
+    if run.main:
+        _write_final(run.out, run.model, run.tokenizer, privacy, metrics, loop.curves, run.config)
+    return RunSummary(run.out, run.config, privacy, metrics, seconds,
+                      test_correct=np.asarray(test["predictions"]) == np.asarray(labels))
 
 
 def stalled(curves: list[dict[str, Any]], patience: int) -> bool:
