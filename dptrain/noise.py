@@ -59,8 +59,14 @@ class GaussianNoise:
         if std == 0:
             return
         on_cpu = [t for t in tensors if t.device.type == "cpu"]
-        for t in tensors:
-            if t.device.type != "cpu":  # accelerators fill fast on their own: one generator each
+        on_device = [t for t in tensors if t.device.type != "cpu"]
+        if on_device:  # accelerators fill fast on their own: one generator per device, reseeded
+            # at every draw from CPU stream 0, whose state the checkpoints keep, so a resumed
+            # seeded run continues the sequence instead of repeating it
+            for device in dict.fromkeys(t.device for t in on_device):  # a fresh seed per device
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._generators[0]))
+                self._device_generator(device).manual_seed(seed)
+            for t in on_device:
                 t.add_(torch.randn(t.shape, dtype=t.dtype, device=t.device,
                                    generator=self._device_generator(t.device)), alpha=std)
         chunks = [c for t in on_cpu for c in t.view(-1).split(CHUNK)]
@@ -81,7 +87,7 @@ class GaussianNoise:
     def _device_generator(self, device: torch.device) -> torch.Generator:
         gen = self._accelerator_generators.get(device)
         if gen is None:
-            gen = torch.Generator(device=device).manual_seed(self._base + 104729 * (1 + len(self._accelerator_generators)))
+            gen = torch.Generator(device=device)
             self._accelerator_generators[device] = gen
         return gen
 

@@ -227,3 +227,22 @@ def test_cuda_bf16_gradients_are_clipped_exactly_in_fp32():
             assert alone == pytest.approx(0.05, rel=1e-5)
     finally:
         clipper.detach()
+
+
+@cuda
+def test_cuda_noise_is_fresh_after_a_resume_and_has_the_right_scale():
+    from dptrain.noise import GaussianNoise
+
+    device = torch.device("cuda")
+    first = GaussianNoise(seed=3)
+    a = torch.zeros(100_000, device=device)
+    first.add_([a], 2.0)
+    state = first.state_dict()
+    b = torch.zeros(100_000, device=device)
+    first.add_([b], 2.0)
+    resumed = GaussianNoise(seed=3)
+    resumed.load_state_dict(state)
+    c = torch.zeros(100_000, device=device)
+    resumed.add_([c], 2.0)
+    assert torch.equal(b, c) and not torch.equal(a, b)  # continues the sequence, never repeats it
+    assert float(a.std()) == pytest.approx(2.0, rel=0.02)
