@@ -9,7 +9,8 @@ Plots, all with seed error bars (mean ± standard deviation over seeds):
 - ``extraction``: secret exposure (bits) and the share of secrets recovered exactly against ε,
   one line per repetition count;
 - ``per_class``: recall lost to DP per class against the class's training examples (DP costs
-  small classes most: Bagdasaryan, Poursaeed, Shmatikov 2019).
+  small classes most: Bagdasaryan, Poursaeed, Shmatikov 2019); when every class is the same
+  size, box plots of the per-class loss at each ε instead.
 
 ``report.html`` embeds the PNGs (no network), the table, where the time went, the configuration
 and environment, and a reading of the numbers generated from them.
@@ -222,6 +223,21 @@ def per_class_figure(points: list[dict[str, Any]]):
 
     fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
     eps_values = sorted({p["target_epsilon"] for p in points}, reverse=True)
+    if len({p["train_size"] for p in points}) == 1:  # equal classes: how unevenly the loss falls
+        size = points[0]["train_size"]
+        losses = [[float(np.mean([q["recall_loss"] for q in points if q["target_epsilon"] == eps
+                                  and q["class"] == c and q["variant"] == v]))
+                   for v, c in dict.fromkeys((q["variant"], q["class"]) for q in points
+                                             if q["target_epsilon"] == eps)]
+                  for eps in eps_values]
+        ax.boxplot(losses, showmeans=True)
+        ax.set_xticks(range(1, len(eps_values) + 1), [f"ε = {e:g}" for e in eps_values])
+        ax.axhline(0, color="grey", lw=1)
+        ax.set(ylabel="recall lost to DP per class (non-private − private)",
+               title=f"Who pays for privacy: every class has {size} training examples;\n"
+                     "the spread shows how unevenly the loss falls")
+        ax.grid(alpha=0.3, axis="y")
+        return fig
     for k, eps in enumerate(eps_values):
         by_class: dict[tuple, list[float]] = {}
         for p in points:
@@ -292,9 +308,19 @@ def reading(rows: list[dict[str, Any]], per_class: list[dict[str, Any]] | None =
     if per_class:
         sizes = {p["train_size"] for p in per_class}
         if len(sizes) == 1:
-            lines.append(f"Every class has {sizes.pop()} training examples here, so the per-class "
-                         "plot cannot show whether DP costs small classes more; it shows how "
-                         "unevenly the loss falls on equal classes.")
+            text = (f"Every class has {sizes.pop()} training examples here, so the per-class "
+                    "plot cannot show whether DP costs small classes more; it shows how "
+                    "unevenly the loss falls on equal classes")
+            low = min(p["target_epsilon"] for p in per_class)
+            by_class: dict[tuple, list[float]] = {}
+            for p in per_class:
+                if p["target_epsilon"] == low:
+                    by_class.setdefault((p["variant"], p["class"]), []).append(p["recall_loss"])
+            losses = np.sort([float(np.mean(v)) for v in by_class.values()])[::-1]
+            top = losses[:max(1, len(losses) // 10)]
+            lines.append(text + f": at ε = {low:g} the tenth of the classes hit hardest lose "
+                         f"{100 * float(np.mean(top)):.1f} points of recall, the median class "
+                         f"{100 * float(np.median(losses)):.1f}.")
         else:
             small = np.median(sorted(sizes))
             lo = [p["recall_loss"] for p in per_class if p["train_size"] <= small]
