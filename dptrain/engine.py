@@ -408,8 +408,8 @@ class PerSampleClipper:
         """
         rule = self._rules[module]
         calls = self._calls[module]
-        if not rule.eager_norm or any(c.grad is None for c in calls):
-            return
+        if not rule.eager_norm or any(c.grad is None for c in calls) or calls[0].grad.shape[:1] == (0,):
+            return  # (a batch of no rows adds nothing: see flush)
         self._check_unchanged(module, calls)
         ctx = self._context(calls[0].grad.shape[0])
         with torch.no_grad():
@@ -428,8 +428,8 @@ class PerSampleClipper:
         self._norm_parts, self._ctx = {}, None
         self._drop_calls("flushed")
         self._batch_size = None
-        if not active:
-            return
+        if not active or all(c.grad.dim() > 0 and c.grad.shape[0] == 0 for _, cs in active for c in cs):
+            return  # no rows (e.g. this rank's empty part of a batch): the clipped sum is 0
         for m, calls in active:
             self._check_unchanged(m, calls)
             for c in calls:

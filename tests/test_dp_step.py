@@ -162,3 +162,27 @@ def test_seeded_noise_does_not_depend_on_the_thread_count():
         draws.append((torch.cat(tensors), again[0]))
     for first, second in draws[1:]:
         assert torch.equal(first, draws[0][0]) and torch.equal(second, draws[0][1])
+
+
+def test_a_backward_over_no_rows_adds_nothing():
+    """An empty physical batch (a rank's empty part of a Poisson batch, in a user's loop) adds a
+    zero clipped sum instead of failing inside a clipping rule."""
+    import torch
+    from torch import nn
+
+    from dptrain.engine import PerSampleClipper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    try:
+        x, y = torch.randn(0, 6), torch.zeros(0, dtype=torch.long)
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        assert clipper.rows_clipped == 0
+        assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.parameters())
+        # and the next, real batch is clipped as usual
+        nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+        assert clipper.rows_clipped == 4
+        assert 0 < float(torch.cat([p.grad.reshape(-1) for p in clipper.parameters]).norm()) <= 4.0 + 1e-5
+    finally:
+        clipper.detach()
