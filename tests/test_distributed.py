@@ -179,7 +179,8 @@ def _descendant_with_rank(root: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc")
-def test_a_killed_rank_stops_the_job_and_resume_on_another_k_keeps_the_epsilon(tmp_path):
+@pytest.mark.parametrize("resume_on", [1, 2])
+def test_a_killed_rank_stops_the_job_and_resume_keeps_the_epsilon(tmp_path, resume_on):
     import signal
     import time
 
@@ -203,7 +204,8 @@ def test_a_killed_rank_stops_the_job_and_resume_on_another_k_keeps_the_epsilon(t
     assert stopped >= 3
 
     resumed = subprocess.run([sys.executable, "-m", "dptrain", "train", "--resume", "--out", str(out),
-                              "--quiet", "--nproc", "1"], capture_output=True, text=True, timeout=600)
+                              "--quiet", "--nproc", str(resume_on)], capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     privacy = json.loads((out / "privacy.json").read_text())
     # the steps before the kill are counted once: the run ends at its planned steps and ε
