@@ -126,8 +126,8 @@ class TrainingLoop:
         # An epoch is 1/q steps in expectation: it ends when done·q crosses a whole number.
         end_of_epoch = (math.floor(done * run.sample_rate / every + 1e-9)
                         > math.floor((done - 1) * run.sample_rate / every + 1e-9))
-        if not (end_of_epoch or done == run.steps):
-            return
+        if not (end_of_epoch or done == run.steps) or not run.main:
+            return  # (ranks > 0 hold the same model: rank 0 alone evaluates)
         val = self.evaluate(run.net, run.batches, "validation")
         self.curves.append({
             "step": done, "epoch": done * run.sample_rate,

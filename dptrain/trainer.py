@@ -624,9 +624,14 @@ def _write_start(run, written: dict[str, Any], member_ids, extra_info) -> None:
 
 
 def _finish(run, loop, started: float) -> RunSummary:
-    """Test and validation metrics, the privacy record, the final files (rank 0)."""
+    """Test and validation metrics, the privacy record, the final files (rank 0; the other
+    ranks hold the same model and return the privacy record alone)."""
     if run.dp is not None:
         run.dp.detach()
+    n = len(run.data.train)
+    privacy = _privacy_record(run.config, run.dp, n, run.sample_rate, run.steps, loop.done)
+    if not run.main:
+        return RunSummary(run.out, run.config, privacy, {}, time.monotonic() - started)
     test = evaluate(run.net, run.batches, "test")
     val = evaluate(run.net, run.batches, "validation")
     labels = run.enc["test"].labels
@@ -642,10 +647,7 @@ def _finish(run, loop, started: float) -> RunSummary:
     if run.state is not None:
         seconds += float(run.state.get("seconds", 0.0))
     metrics["train_seconds"] = seconds
-    n = len(run.data.train)
-    privacy = _privacy_record(run.config, run.dp, n, run.sample_rate, run.steps, loop.done)
-    if run.main:
-        _write_final(run.out, run.model, run.tokenizer, privacy, metrics, loop.curves, run.config)
+    _write_final(run.out, run.model, run.tokenizer, privacy, metrics, loop.curves, run.config)
     return RunSummary(run.out, run.config, privacy, metrics, seconds,
                       test_correct=np.asarray(test["predictions"]) == np.asarray(labels))
 
