@@ -440,6 +440,7 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     """
     import time
 
+    from dptrain.device import check_spelling, resolve
     from dptrain.outputs import OutputDir
 
     from experiments import sweep_report
@@ -447,10 +448,10 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
 
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
     check(backend, workers, threads_per_job)
-    from dptrain.device import check_spelling, resolve
-
-    # where the jobs run: this machine's device now; on Ray, each node's when its job starts
-    resolve(device, "fp32", private=False) if backend == "local" else check_spelling(device, "auto")
+    if backend == "local":  # where the jobs run: this machine's device, checked now
+        resolve(device, "fp32", private=False)
+    else:  # on Ray, each node's when its job starts
+        check_spelling(device, "auto")
     outputs = OutputDir(out_dir, command)
     out = outputs.path
     dirs = [d for d, needs in (("cells", None), ("shadows", "mia"), ("audits", "audit"),
@@ -492,7 +493,10 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
                     line = f"[sweep] {job.name}: {what}" + (
                         " (it stopped before its first checkpoint)" if what == "restarted" else
                         " (from its checkpoint)")
-                    print(line, flush=True) if bar is None else bar.write(line)
+                    if bar is None:
+                        print(line, flush=True)
+                    else:
+                        bar.write(line)
                 if bar is not None:
                     bar.set_description(f"sweep: {stage}")
                     bar.set_postfix_str(f"{job.name} {what}", refresh=False)
