@@ -80,14 +80,6 @@ class Distributed:
         for t in tensors:
             t.div_(self.world)
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any (e.g. a diverged loss)."""
-        import torch.distributed as dist
-
-        value = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
     def barrier(self) -> None:
         import torch.distributed as dist
 

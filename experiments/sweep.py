@@ -216,7 +216,7 @@ def _tag(epsilon: float) -> str:
 
 
 def cell_dir(out: Path, variant: str, seed: int, epsilon: float) -> Path:
-    return out / "cells" / variant / f"seed{seed}" / f"eps{_tag(epsilon)}"
+    return _cell_path(out, "cells", (variant, seed, epsilon))
 
 
 def _cell_path(out: Path, kind: str, cell: tuple[str, int, float]) -> Path:
