@@ -138,8 +138,16 @@ def check_model(model_name: str, *, trainable: str = "all", pooling: str = "auto
         raise ConfigError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
     data = load_intent_data("synthetic", seed=seed, synthetic_per_intent=4)
     model, tokenizer = load_model(model_name, data.num_labels, data.label_names, pooling)
-    set_trainable(model, trainable)
     torch.manual_seed(seed)
+    if trainable == "lora":
+        from .models import apply_lora
+
+        apply_lora(model)
+        with torch.no_grad():  # B = 0 at initialization would make A's gradient vanish: check both
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0.0, 0.02)
+    set_trainable(model, trainable)
     enc = encode(tokenizer, data.train, max_length)
     picks = torch.randperm(len(data.train))[:batch_size].tolist()
     batch = collate(enc, picks, tokenizer.pad_token_id)  # padded to the longest: padding is checked too

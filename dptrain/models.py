@@ -18,7 +18,9 @@ states they were trained to produce (:class:`MeanPoolingClassifier`).
 
 Trainable-parameter selection (``trainable``): ``all``; ``head`` (classifier and pooler);
 ``last-K`` (the top K transformer blocks plus the head); ``bias`` (BitFit: every bias plus the
-head; Ben Zaken et al. 2022). Under DP, training fewer parameters means less noise in total.
+head; Ben Zaken et al. 2022); ``lora`` (low-rank adapters ΔW = (α/r)·B·A beside the frozen
+attention projections, plus the head; Hu et al. 2022, injected with ``peft``, see
+:func:`apply_lora`). Under DP, training fewer parameters means less noise in total.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .errors import ConfigError, ModelError
 
 MINILM = "minilm"
 TINY = "tiny"
-TRAINABLE_HELP = "all | head | last-K (top K blocks + head) | bias (BitFit)"
+TRAINABLE_HELP = "all | head | last-K (top K blocks + head) | bias (BitFit) | lora"
 _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _LAST_K = re.compile(r"last-(\d+)")
 
@@ -388,6 +390,9 @@ def set_trainable(model: nn.Module, spec: str) -> int:
     """Freeze all but the parameters ``spec`` selects; returns how many values train."""
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
+    if spec != "lora" and any(".lora_" in n for n, _ in base.named_parameters()):
+        raise ConfigError(f"this model has LoRA adapters; trainable {spec!r} would train them "
+                          "or leave them random: use 'lora'.")
     pooler = getattr(base, "pooler", None)
     head_ids = {id(p) for p in model.parameters() if id(p) not in base_ids}
     if pooler is not None:
@@ -399,6 +404,11 @@ def set_trainable(model: nn.Module, spec: str) -> int:
         chosen = head_ids
     elif spec == "bias":
         chosen = head_ids | {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
+    elif spec == "lora":
+        lora = {id(p) for n, p in base.named_parameters() if ".lora_" in n}
+        if not lora:
+            raise ModelError("trainable 'lora' needs adapters: call apply_lora(model, ...) first.")
+        chosen = head_ids | lora
     elif match:
         blocks = transformer_blocks(model)
         k = int(match.group(1))
@@ -414,3 +424,69 @@ def set_trainable(model: nn.Module, spec: str) -> int:
         p.requires_grad_(id(p) in chosen)
         total += p.numel() if id(p) in chosen else 0
     return total
+
+
+def lora_targets(model: nn.Module, targets: str = "auto") -> list[str]:
+    """The module names LoRA adapts: ``auto`` is peft's choice for the architecture (the query
+    and value projections of BERT and RoBERTa), else a comma-separated list of names."""
+    if targets != "auto":
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        if not names:
+            raise ConfigError(f"lora targets must name modules, got {targets!r}.")
+        return names
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ConfigError(f"no default LoRA target modules for model type {model_type!r}; "
+                          "name them with --lora-targets (e.g. query,value).")
+    return list(DEFAULTS[model_type])
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets: str = "auto") -> int:
+    """Inject LoRA adapters (Hu et al. 2022) into the encoder of ``model``, in place.
+
+    Each targeted linear map W x becomes W x + (α/r)·B(A x) with A ∈ R^{r×d} random and B = 0,
+    so training starts from the pretrained function. Only the encoder is adapted (the head
+    trains whole); the model keeps its class and its forward. Uses ``peft.inject_adapter_in_model``
+    (no ``PeftModel`` wrapper, so state-dict keys outside the adapters do not change); adapters
+    are plain ``nn.Linear`` modules, which per-sample clipping handles exactly (tested against a
+    per-example loop for the pinned peft). Returns the number of adapter values.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"lora rank must be an integer >= 1, got {rank!r}.")
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ConfigError(f"lora alpha must be > 0, got {alpha!r}.")
+    base = getattr(model, "base_model", model)
+    names = lora_targets(base, targets)
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+
+    present = {name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D))}
+    missing = [t for t in names if t not in present]
+    if missing:
+        raise ConfigError(f"lora targets {missing} are not linear modules of this model "
+                          f"(it has {sorted(present)}).")
+    transposed = any(isinstance(m, Conv1D) for name, m in base.named_modules()
+                     if name.rsplit(".", 1)[-1] in names)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none",
+                        fan_in_fan_out=transposed)
+    with _QuietHF():
+        inject_adapter_in_model(config, base)
+    return sum(p.numel() for n, p in base.named_parameters() if ".lora_" in n)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W ← W + (α/r)·B·A, peft's ``merge``) and put the
+    plain layer back, so the saved model is an ordinary classifier with the original keys."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model

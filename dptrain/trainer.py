@@ -73,7 +73,13 @@ class TrainConfig:
         "help": "per-sample clipping bound C, or 'auto' (automatic clipping, Bu et al. 2023)"})
     trainable: str = field(default="auto", metadata={
         "help": "which parameters train: auto (head for a pretrained encoder, all for tiny) | "
-                "all | head | last-K | bias"})
+                "all | head | last-K | bias | lora"})
+    lora_rank: int = field(default=8, metadata={"help": "rank r of the LoRA adapters (--trainable lora)"})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "LoRA scale α: an adapter adds (α/r)·B·A to its weight"})
+    lora_targets: str = field(default="auto", metadata={
+        "help": "modules LoRA adapts, comma-separated, or auto (peft's choice for the "
+                "architecture: query,value for BERT/RoBERTa/MiniLM)"})
     pooling: str = field(default="auto", metadata={
         "help": "sentence representation: cls (the model's own head) | mean (of token states) | "
                 "auto (mean for sentence-transformers checkpoints such as minilm, else cls)"})
@@ -514,7 +520,7 @@ def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries,
     from .device import resolve
     from .features import cacheable
     from .loop import Run
-    from .models import TINY, MeanPoolingClassifier, load_model, set_trainable
+    from .models import TINY, MeanPoolingClassifier, apply_lora, load_model, set_trainable
 
     torch.manual_seed(config.seed)
     if data is None:
@@ -537,6 +543,9 @@ def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries,
     if trainable == "auto":
         trainable = "all" if config.model == TINY else "head"
     config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier))
+    if config.trainable == "lora":
+        apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
+        model.to(device)
     n_trainable = set_trainable(model, config.trainable)
     set_head_dropout(model, config.head_dropout)  # refuses a value given for another model
     if config.dropout is not None:
@@ -729,6 +738,13 @@ def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> Non
 
     # the encoder is the unchanged pretrained one exactly when the feature cache applied
     by_reference = cacheable(model) and model.source is not None
+
+    if config.trainable == "lora":  # ship an ordinary classifier: adapters folded into W
+        import copy
+
+        from .models import merge_lora
+
+        model = merge_lora(copy.deepcopy(model))
 
     def save_model(tmp: Path) -> None:
         from transformers.utils import logging as hf_logging

@@ -63,3 +63,10 @@ def test_cli_exit_codes(capsys, monkeypatch):
     monkeypatch.setattr(PerSampleClipper, "clip_factors", lambda self, norms: torch.ones_like(norms))
     assert main(["check", "--model", "tiny", "--batch-size", "4", "--max-grad-norm", "0.01"]) == 1
     assert capsys.readouterr().out.startswith("FAIL")
+
+
+def test_check_covers_lora_adapters(capsys):
+    """``--trainable lora``: the adapters (B randomized so that A's gradient is not zero) and the
+    head pass the replay check."""
+    assert main(["check", "--model", "tiny", "--trainable", "lora", "--batch-size", "4"]) == 0
+    assert capsys.readouterr().out.startswith("PASS: 4 neighbouring batches")
