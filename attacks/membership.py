@@ -173,9 +173,7 @@ def run_membership_inference(
     Returns the report (the content of report.json). Raises ConfigError, DataError or ModelError
     for bad input, before any training.
     """
-    from attacks.audit import CanaryScoreAuditor
-    from attacks.metrics import evaluate_attack
-    from attacks.report import COMMAND, FILES, REPORT, SCORES, AttackOutcome, write_mia_report
+    from attacks.report import COMMAND, FILES
     from attacks.shadows import check_n_shadows, check_run_dir, default_root, ensure_shadows, \
         load_quietly, load_target
     from attacks.signals import compute_signals
@@ -214,7 +212,42 @@ def run_membership_inference(
 
     claimed_delta = target.privacy.get("delta")
     delta = float(claimed_delta) if claimed_delta is not None else NONPRIVATE_DELTA
-    pick_m, pick_n, how = balanced_evaluation_set(target.is_member, max_eval=max_eval, seed=seed)
+    population = {
+        "n_population": target.n_population,
+        "splits": target.split_sizes,
+        "ids": "train example i -> i, validation j -> N_train + j, test k -> N_train + N_val + k",
+        "members": f"the run's training split ({rundir.MEMBERS})",
+        "nonmembers": "its validation and test splits",
+        "fingerprint": target.population_fingerprint,
+    }
+    target_info = {
+        "run_dir": str(target.run_dir),
+        "model": target.config.model,
+        "data": target.config.data,
+        "trainable": target.config.trainable,
+        "epochs": target.config.epochs,
+        "batch_size": target.config.batch_size,
+        "test_accuracy": _test_accuracy(target.run_dir),
+        "learned": model_learned(target.run_dir),
+    }
+    return score_and_report(
+        outputs, names=names, target_signals=target_signals, shadows=shadows,
+        is_member=target.is_member, delta=delta, theoretical=target.privacy,
+        target_info=target_info, population=population, confidence=confidence,
+        max_eval=max_eval, seed=seed, started=started)
+
+
+def score_and_report(outputs, *, names, target_signals: Signals, shadows, is_member: np.ndarray,
+                     delta: float, theoretical: dict[str, Any], target_info: dict[str, Any],
+                     population: dict[str, Any], confidence: float, max_eval: int | None,
+                     seed: int, started: float) -> dict[str, Any]:
+    """Steps 4–6: every attack's scores, their evaluation on a balanced set, the empirical ε
+    bounds, and the files. ``population`` describes who the members are (completed here)."""
+    from attacks.audit import CanaryScoreAuditor
+    from attacks.metrics import evaluate_attack
+    from attacks.report import REPORT, SCORES, AttackOutcome, write_mia_report
+
+    pick_m, pick_n, how = balanced_evaluation_set(is_member, max_eval=max_eval, seed=seed)
     confidence_each = 1 - (1 - confidence) / len(names)
 
     outcomes, all_scores, headline = [], {}, []
@@ -250,38 +283,22 @@ def run_membership_inference(
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, member_ids=pick_m, nonmember_ids=pick_n, is_member=target.is_member,
+    np.savez(buf, member_ids=pick_m, nonmember_ids=pick_n, is_member=is_member,
              **{f"scores_{name}": s for name, s in all_scores.items()})
     # An earlier report goes first, so that a crash in between never leaves it beside new scores.
     outputs.remove(REPORT)
     outputs.write_bytes(SCORES, buf.getvalue())
 
-    n_members = int(target.is_member.sum())
+    n_members = int(is_member.sum())
     population = {
-        "n_population": target.n_population,
-        "splits": target.split_sizes,
-        "ids": "train example i -> i, validation j -> N_train + j, test k -> N_train + N_val + k",
+        **population,
         "n_members": n_members,
-        "n_nonmembers": target.n_population - n_members,
-        "members": f"the run's training split ({rundir.MEMBERS})",
-        "nonmembers": "its validation and test splits",
+        "n_nonmembers": int(is_member.size) - n_members,
         "evaluated": {"n_members": int(pick_m.size), "n_nonmembers": int(pick_n.size),
                       "how": how, "seed": seed, "max_eval": max_eval},
-        "fingerprint": target.population_fingerprint,
-    }
-    privacy = target.privacy
-    target_info = {
-        "run_dir": str(target.run_dir),
-        "model": target.config.model,
-        "data": target.config.data,
-        "trainable": target.config.trainable,
-        "epochs": target.config.epochs,
-        "batch_size": target.config.batch_size,
-        "test_accuracy": _test_accuracy(target.run_dir),
-        "learned": model_learned(target.run_dir),
     }
     return write_mia_report(
-        outputs, target=target_info, theoretical=privacy, population=population,
+        outputs, target=target_info, theoretical=theoretical, population=population,
         shadows=None if shadows is None else shadows.to_dict(), outcomes=outcomes,
         combined=combined, confidence=confidence, seconds=time.monotonic() - started)
 

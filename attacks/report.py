@@ -111,6 +111,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     if math.isfinite(claimed):
         claim = f"claims ε = {claimed:.2f} at δ = {_number(theory.get('delta')):.1e}"
+    elif str(theory.get("source", "")).startswith("none"):
+        claim = "states no privacy claim"
     else:
         claim = "is not private (ε = ∞)"
     lines.append(f"Target {target['model']} on {target['data']} ({pop['n_members']} members, "

@@ -395,7 +395,7 @@ def _prepare_cache(target: TargetRun, k: int, root, seed: int):
     n = target.n_population
     in_mask = balanced_assignment(n, k, seed)
     smallest = int(in_mask.sum(axis=1).min())
-    if target.config.batch_size > smallest:
+    if target.config.batch_size is not None and target.config.batch_size > smallest:
         raise ConfigError(
             f"the target's batch_size {target.config.batch_size} exceeds a shadow model's "
             f"training set ({smallest} examples, half the population of {n}); shadow models "

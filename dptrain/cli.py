@@ -188,15 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
         "and offline, RMIA, with reference (shadow) models trained with the run's own recipe on "
         "random halves of its population (cached and reused). Writes report.json (metrics, "
         "empirical epsilon lower bounds next to the claimed epsilon), roc.png and scores.npz.")
-    mia.add_argument("--run", required=True, type=Path, help="finished run directory to attack")
+    mia.add_argument("--run", type=Path, default=None, help="finished run directory to attack")
+    foreign = mia.add_argument_group(
+        "a model trained elsewhere (instead of --run)",
+        "an HF sequence-classifier directory, the population and which rows were members; the "
+        "loss attack alone unless --reference-recipe names how to train reference models")
+    foreign.add_argument("--model", type=Path, default=None, help="classifier directory to attack")
+    foreign.add_argument("--data", type=Path, default=None,
+                         help="the population, any format train --data reads (rows in file order)")
+    foreign.add_argument("--members", type=Path, default=None,
+                         help="0-based row numbers of the members: JSON list, {\"member_ids\": "
+                              "[...]}, or one per line")
+    foreign.add_argument("--text-column", default="text", help="text column of --data")
+    foreign.add_argument("--label-column", default="label", help="label column of --data")
+    foreign.add_argument("--reference-recipe", type=Path, default=None,
+                         help="JSON/YAML of train options (or a run's config.json) for reference "
+                              "models: enables LiRA and RMIA")
+    foreign.add_argument("--claimed-epsilon", type=_number, default=None,
+                         help="the ε the model's trainer claims, to test against")
+    foreign.add_argument("--delta", type=_number, default=None, help="the δ of that claim")
+    foreign.add_argument("--max-length", type=_integer, default=64,
+                         help="truncate texts to this many tokens (default: 64)")
     mia.add_argument("--out", type=Path, default=None,
                      help="directory for the report (default: RUN/attacks); a report this "
                      "command wrote there is replaced, any other file is never overwritten")
     mia.add_argument("--shadows", type=_integer, default=8, metavar="K",
                      help="reference models, even, >= 2 (default: 8)")
-    mia.add_argument("--attacks", default="loss,lira_online,lira_offline,rmia",
+    mia.add_argument("--attacks", default=None,
                      help="comma-separated: loss, lira_online, lira_offline, rmia, rmia_offline "
-                     "(default: loss,lira_online,lira_offline,rmia)")
+                     "(default: loss,lira_online,lira_offline,rmia; loss alone for --model "
+                     "without --reference-recipe)")
     mia.add_argument("--shadow-dir", type=Path, default=None,
                      help="root of the shadow-model cache (default: RUN/../.dptrain-shadows)")
     mia.add_argument("--confidence", type=_number, default=0.95,
@@ -358,10 +379,38 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
 
     from .summary import print_rows
 
-    report = run_membership_inference(
-        args.run, args.out, n_shadows=args.shadows, attacks=args.attacks.split(","),
-        shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
-        seed=args.seed, progress=not args.quiet, device=args.device)
+    from .errors import ConfigError
+
+    attacks = args.attacks.split(",") if args.attacks is not None else None
+    if (args.run is None) == (args.model is None):
+        raise ConfigError("give --run (a dptrain run) or --model (a classifier trained "
+                          "elsewhere, with --data and --members), not both.")
+    if args.model is not None:
+        from attacks.foreign import run_foreign_membership_inference
+
+        missing = [flag for flag, value in (("--data", args.data), ("--members", args.members),
+                                            ("--out", args.out)) if value is None]
+        if missing:
+            raise ConfigError(f"--model needs {', '.join(missing)}.")
+        report = run_foreign_membership_inference(
+            args.model, args.data, args.members, args.out, text_column=args.text_column,
+            label_column=args.label_column, reference_recipe=args.reference_recipe,
+            n_shadows=args.shadows, attacks=attacks, shadow_dir=args.shadow_dir,
+            claimed_epsilon=args.claimed_epsilon, delta=args.delta, confidence=args.confidence,
+            max_eval=args.max_eval, max_length=args.max_length, seed=args.seed,
+            progress=not args.quiet, device=args.device)
+    else:
+        foreign_only = [f for f, v in (("--data", args.data), ("--members", args.members),
+                                       ("--reference-recipe", args.reference_recipe),
+                                       ("--claimed-epsilon", args.claimed_epsilon)) if v is not None]
+        if foreign_only:
+            raise ConfigError(f"{', '.join(foreign_only)} go with --model, not --run (a run "
+                              "directory records its data, members and ε).")
+        report = run_membership_inference(
+            args.run, args.out, n_shadows=args.shadows,
+            attacks=attacks or ["loss", "lira_online", "lira_offline", "rmia"],
+            shadow_dir=args.shadow_dir, confidence=args.confidence, max_eval=args.max_eval,
+            seed=args.seed, progress=not args.quiet, device=args.device)
     rows = [["attack", "AUC", "TPR@0.1%", "TPR@1%", "TPR@10%", "eps_lb CP", "eps_lb GDP"]]
     for name, a in report["attacks"].items():
         rows.append([name, f"{a['auc']:.3f}",

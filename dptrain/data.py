@@ -702,7 +702,24 @@ def load_intent_data(
         return _assemble(_Raw({"train": rows}), SYNTHETIC, seed, validation_fraction, test_fraction)
 
     shown = os.fspath(source)
-    path = Path(shown)
+    raw = _read_source(Path(shown), shown, text_column, label_column)
+    return _assemble(raw, shown, seed, validation_fraction, test_fraction)
+
+
+def read_rows(source: str | os.PathLike[str], *, text_column: str = "text",
+              label_column: str = "label") -> list[tuple[str, str]]:
+    """Every (text, label) row of a data file in the order it holds them (its splits, if it has
+    any, one after the other as written), labels as strings; each row checked as in
+    :func:`load_intent_data`. For attacks on models trained elsewhere, whose members are named
+    by row number."""
+    if text_column == label_column:
+        raise ConfigError(f"text_column and label_column must differ, got {text_column!r} for both.")
+    shown = os.fspath(source)
+    raw = _read_source(Path(shown), shown, text_column, label_column)
+    return [row for rows in raw.splits.values() for row in rows]
+
+
+def _read_source(path: Path, shown: str, text_column: str, label_column: str) -> _Raw:
     if not path.exists():
         raise DataError(f"data source {shown!r} not found; give {_ALLOWED_SOURCES}.")
     if path.is_dir():
@@ -719,7 +736,7 @@ def load_intent_data(
             raise DataError(
                 f"format of {shown} must be {_ALLOWED_SOURCES}, got suffix {suffix or 'none'!r}."
             )
-    return _assemble(raw, shown, seed, validation_fraction, test_fraction)
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------
