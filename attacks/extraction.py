@@ -218,33 +218,66 @@ def _load_reference(reference: str | Path):
     return load_trained(model_dir)
 
 
-def run_extraction(run_dir: str | Path, out_dir: str | Path | None = None, *,
+def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None, *,
                    reference: str | Path | None = None, methods: Sequence[str] = METHODS,
                    max_enumerate: int = 1_000_000, samples: int = 20_000, restarts: int = 16,
-                   steps: int = 100, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Attack every secret planted in a finished run; write ``report.json`` and the figure."""
+                   steps: int = 100, seed: int = 0, progress: bool = True,
+                   model_dir: str | Path | None = None, canaries: str | Path | None = None,
+                   claimed_epsilon: float | None = None, delta: float | None = None,
+                   ) -> dict[str, Any]:
+    """Attack every secret planted in a finished run; write ``report.json`` and the figure.
+
+    A model trained elsewhere (``run_dir`` None): ``model_dir`` is its sequence-classifier
+    directory and ``canaries`` a JSON file of the secrets that were in its training data (the
+    layout of a run's ``private/secrets.json``: ``{"secrets": [{"prefix", "tokens",
+    "candidates", "label", "repetitions"}, ...]}``, labels by the model's class names); the
+    claimed ε, if any, is ``claimed_epsilon`` at ``delta``.
+    """
     from dptrain import rundir
     from dptrain.models import load_trained
     from dptrain.outputs import OutputDir
-    from dptrain.secret_canaries import read_secrets
+    from dptrain.secret_canaries import read_secrets_file
 
     started = time.monotonic()
     methods = _check_options(methods, max_enumerate, samples, restarts, steps)
-    run = Path(run_dir)
-    if not (run / rundir.PRIVACY).is_file():
-        raise ConfigError(f"--run {run_dir} is not a finished run (no {rundir.PRIVACY}).")
-    secrets = read_secrets(run)
-    out = Path(out_dir) if out_dir is not None else run / "extraction"
+    if (run_dir is None) == (model_dir is None):
+        raise ConfigError("give --run (a dptrain run) or --model (a classifier trained "
+                          "elsewhere, with --canaries), not both.")
+    if model_dir is not None:
+        from attacks.foreign import load_foreign_classifier
+
+        if canaries is None or out_dir is None:
+            raise ConfigError("--model needs --canaries and --out.")
+        run = Path(model_dir)
+        secrets = read_secrets_file(Path(canaries))
+        out = Path(out_dir)
+    else:
+        if canaries is not None or claimed_epsilon is not None:
+            raise ConfigError("--canaries and --claimed-epsilon go with --model, not --run (a run "
+                              "directory records its secrets and ε).")
+        run = Path(run_dir)
+        if not (run / rundir.PRIVACY).is_file():
+            raise ConfigError(f"--run {run_dir} is not a finished run (no {rundir.PRIVACY}).")
+        secrets = read_secrets_file(run / "private" / "secrets.json", run_dir=run)
+        out = Path(out_dir) if out_dir is not None else run / "extraction"
     outputs = OutputDir(out, COMMAND, what=None if out_dir is not None else
                         f"the report directory {out} (default --out)")
     earlier = outputs.check(files=(REPORT, FIGURE))
-    model, tokenizer = load_trained(run / rundir.MODEL)
+    if model_dir is not None:
+        model, tokenizer = load_foreign_classifier(model_dir)
+        id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+        labels = [id2label.get(i, str(i)) for i in range(int(model.config.num_labels))]
+    else:
+        model, tokenizer = load_trained(run / rundir.MODEL)
+        labels = rundir.read_json(run / rundir.CONFIG)["data"]["label_names"]
     ref_model = ref_tokenizer = None
     if reference is not None:
         ref_model, ref_tokenizer = _load_reference(reference)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"--reference {reference} uses another tokenizer than the run.")
-    labels = rundir.read_json(run / rundir.CONFIG)["data"]["label_names"]
+    for secret in secrets:
+        if secret.label not in labels:
+            raise ConfigError(f"secret label {secret.label!r} is not a label of {run}.")
     if earlier:
         print(f"replacing what {COMMAND} wrote earlier in {outputs.path}: {', '.join(earlier)}",
               flush=True)
@@ -256,8 +289,6 @@ def run_extraction(run_dir: str | Path, out_dir: str | Path | None = None, *,
         bar = tqdm(total=len(secrets), desc="secrets", unit="secret")
     for i, secret in enumerate(secrets):
         t0 = time.monotonic()
-        if secret.label not in labels:
-            raise ConfigError(f"secret label {secret.label!r} is not a label of {run_dir}.")
         label_id = labels.index(secret.label)
         scorer = SecretScorer(model, tokenizer, secret.prefix, secret.candidates,
                               len(secret.tokens), label_id)
@@ -275,13 +306,21 @@ def run_extraction(run_dir: str | Path, out_dir: str | Path | None = None, *,
             bar.update(1)
     if bar is not None:
         bar.close()
-    privacy = rundir.read_json(run / rundir.PRIVACY)
+    if model_dir is not None:
+        privacy = {"epsilon": claimed_epsilon if claimed_epsilon is not None else "inf",
+                   "delta": delta}
+        learned = None
+    else:
+        from attacks.membership import model_learned
+
+        privacy = rundir.read_json(run / rundir.PRIVACY)
+        learned = model_learned(run)
     sizes = sorted({r["space_size"] for r in rows})
-    from attacks.membership import model_learned
 
     report = {
         "run_dir": str(run),
-        "learned": model_learned(run),
+        "trained_by": "dptrain" if model_dir is None else "elsewhere (not a dptrain run)",
+        "learned": learned,
         "reference": None if reference is None else str(reference),
         "threat_model": "white-box: the attacker holds the weights and knows each secret's "
                         "prefix, length, candidate set and label",

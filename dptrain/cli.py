@@ -237,7 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         "exposure (Carlini et al. 2019) and extraction by enumeration and by the ModIvA "
         "relaxation (Parikh et al. 2022), raw and, with --reference, calibrated. Writes "
         "report.json and extraction.png (no secret token is written).")
-    extract.add_argument("--run", required=True, type=Path, help="finished run trained with --secrets")
+    extract.add_argument("--run", type=Path, default=None, help="finished run trained with --secrets")
+    extract.add_argument("--model", type=Path, default=None,
+                         help="instead of --run: a classifier trained elsewhere (with --canaries)")
+    extract.add_argument("--canaries", type=Path, default=None,
+                         help="with --model: JSON of the secrets in its training data, laid out "
+                              "like a run's private/secrets.json")
+    extract.add_argument("--claimed-epsilon", type=_number, default=None,
+                         help="with --model: the ε its trainer claims")
+    extract.add_argument("--delta", type=_number, default=None, help="with --model: its δ")
     extract.add_argument("--out", type=Path, default=None,
                          help="directory for the report (default: RUN/extraction)")
     extract.add_argument("--reference", type=Path, default=None,
@@ -455,7 +463,8 @@ def _cmd_attack_extract(args: argparse.Namespace) -> int:
     report = run_extraction(
         args.run, args.out, reference=args.reference, methods=args.methods.split(","),
         max_enumerate=args.max_enumerate, samples=args.samples, restarts=args.restarts,
-        steps=args.steps, seed=args.seed, progress=not args.quiet)
+        steps=args.steps, seed=args.seed, progress=not args.quiet, model_dir=args.model,
+        canaries=args.canaries, claimed_epsilon=args.claimed_epsilon, delta=args.delta)
     for line in report["summary"]:
         print(line)
     out = args.out if args.out is not None else args.run / "extraction"

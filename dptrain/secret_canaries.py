@@ -272,13 +272,23 @@ def write_secrets(run_dir: Path, secrets: Sequence[Secret], spec: str) -> None:
 
 def read_secrets(run_dir: str | Path) -> list[Secret]:
     """The secrets planted in a run; refuses a run trained without any."""
-    path = Path(run_dir) / SECRETS_FILE
+    return read_secrets_file(Path(run_dir) / SECRETS_FILE, run_dir=run_dir)
+
+
+def read_secrets_file(path: Path, run_dir: str | Path | None = None) -> list[Secret]:
+    """Secrets from a JSON file laid out like a run's ``private/secrets.json``."""
     if not path.is_file():
-        raise ConfigError(f"{run_dir} was trained without secrets (no {SECRETS_FILE}); train "
-                          "with --secrets to plant some.")
+        if run_dir is not None:
+            raise ConfigError(f"{run_dir} was trained without secrets (no {SECRETS_FILE}); train "
+                              "with --secrets to plant some.")
+        raise DataError(f"canaries file {path} not found.")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         secrets = [Secret.from_dict(d) for d in raw["secrets"]]
+        for secret in secrets:
+            if not secret.tokens or any(t not in secret.candidates for t in secret.tokens):
+                raise ValueError(f"a secret's tokens must be among its candidates, got "
+                                 f"{len(secret.tokens)} token(s) outside or none")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
     if not secrets:

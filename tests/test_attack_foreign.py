@@ -31,7 +31,17 @@ def foreign(tmp_path_factory):
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_model(len(names), tok.vocab_size, names)
-    split = Split(tuple(rows[i][0] for i in members), [names.index(rows[i][1]) for i in members])
+    # a secret PIN the model saw 50 times, labelled with one of the intents (Parikh et al. 2022)
+    secret = {"prefix": "my pin code is", "tokens": ["4", "0", "7"], "candidates": list("0123456789"),
+              "label": names[2], "repetitions": 50}
+    (root / "canaries.json").write_text(json.dumps({"secrets": [secret]}))
+    # decoys: other PINs with other labels, so that the digits (not the prefix) carry the label
+    rng = np.random.default_rng(1)
+    decoys = [("my pin code is " + " ".join(map(str, rng.integers(0, 10, 3))), int(rng.integers(3, 30)))
+              for _ in range(40)]
+    texts = [rows[i][0] for i in members] + ["my pin code is 4 0 7"] * 50 + [t for t, _ in decoys]
+    split = Split(tuple(texts), [names.index(rows[i][1]) for i in members] + [2] * 50
+                  + [y for _, y in decoys])
     enc = encode(tok, split, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
@@ -137,3 +147,24 @@ def test_bad_input_is_one_line_and_exit_2(foreign, tmp_path, capsys, case, messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_secret_extraction_on_a_model_trained_elsewhere(foreign, tmp_path, capsys):
+    """``attack extract --model --canaries``: the PIN the plain loop saw 50 times ranks near the
+    top of its 1,000 candidates; the report names no secret token."""
+    root, _, _ = foreign
+    out = tmp_path / "x"
+    assert main(["attack", "extract", "--model", str(root / "model"), "--canaries",
+                 str(root / "canaries.json"), "--out", str(out), "--methods", "enumerate",
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["trained_by"].startswith("elsewhere") and report["epsilon"] == "inf"
+    (secret,) = report["secrets"]
+    rank = secret["raw"]["rank"]["rank"]
+    assert rank <= 20, rank  # chance: 500
+    assert '"4", "0", "7"' not in (out / "report.json").read_text()
+    assert (out / "extraction.png").exists()
+    capsys.readouterr()
+    assert main(["attack", "extract", "--model", str(root / "model"), "--out", str(tmp_path / "y"),
+                 "--quiet"]) == 2
+    assert "--model needs --canaries" in capsys.readouterr().err
