@@ -30,6 +30,11 @@ from .errors import ConfigError, PrivacyBudgetExceeded
 ACCOUNTANTS = ("prv", "rdp")
 
 
+MAX_TARGET_EPSILON = 100.0
+"""Largest target ε accepted: ε = 200 and 1000 made σ's calibration run for minutes (13 GB at
+1000), and e^100 is no guarantee anyway."""
+
+
 def validate_budget(
     *, epsilon: float | None = None, delta: float | None = None, sample_rate: float | None = None,
     steps: int | None = None, accountant: str | None = None,
@@ -37,6 +42,11 @@ def validate_budget(
     """Raise ConfigError in one voice for any argument out of range."""
     if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
         raise ConfigError(f"epsilon must be a finite number > 0, got {epsilon}.")
+    if epsilon is not None and epsilon > MAX_TARGET_EPSILON:
+        raise ConfigError(
+            f"a target epsilon above {MAX_TARGET_EPSILON:g} promises nothing a reader can use, and "
+            f"calibrating sigma for it ran for minutes in many GB (PRV at tiny sigma); got "
+            f"{epsilon:g}: use epsilon inf for a non-private baseline.")
     if delta is not None and not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta}.")
     if sample_rate is not None and not (0 < sample_rate <= 1):

@@ -80,3 +80,9 @@ def test_calibration_rejects_bad_arguments(kwargs, message):
     args = dict(target_epsilon=1.0, delta=1e-5, sample_rate=0.01, steps=10) | kwargs
     with pytest.raises(ConfigError, match=message):
         calibrate_noise_multiplier(**args)
+
+
+def test_a_meaningless_target_epsilon_is_refused_at_once():
+    """ε = 1000 once made the PRV calibration run for minutes in 13 GB; now one line."""
+    with pytest.raises(ConfigError, match="use epsilon inf"):
+        calibrate_noise_multiplier(target_epsilon=1000.0, delta=1e-5, sample_rate=0.01, steps=100)

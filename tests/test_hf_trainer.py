@@ -61,7 +61,7 @@ def make(tmp_path, dp=None, targs=None, model=None, train=None, **kw):
 
 
 def test_same_sigma_steps_and_epsilon_as_the_cli(tmp_path):
-    trainer = make(tmp_path)
+    trainer = make(tmp_path, targs=args(tmp_path, eval_strategy="steps", eval_steps=9))
     cli = train_run(TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=12, epochs=2,
                                 batch_size=32, physical_batch_size=16, epsilon=3.0, delta=1e-4,
                                 dp_seed=1), tmp_path / "cli", progress=False)
@@ -72,6 +72,8 @@ def test_same_sigma_steps_and_epsilon_as_the_cli(tmp_path):
     assert trainer.dp.ledger.steps == 18 and trainer.state.global_step == 18
     assert trainer.epsilon() == pytest.approx(cli.privacy["epsilon"], rel=1e-9)
     assert 2.9 < trainer.epsilon() <= 3.0
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [9, 18]  # evaluation mid-training, with the hooks on
     logged = [h for h in trainer.state.log_history if "epsilon" in h]
     assert logged and logged[-1]["epsilon"] == pytest.approx(trainer.epsilon())
     # the training loss and the pre-noise gradient norm are functions of the private batch
