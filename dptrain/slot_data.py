@@ -225,7 +225,7 @@ def _read_jsonl(path: Path) -> dict[str | None, list[Utterance]]:
 
 def _read_conll(path: Path) -> dict[str | None, list[Utterance]]:
     out: dict[str | None, list[Utterance]] = {}
-    tokens, tags, meta, start = [], [], {}, 1
+    tokens, tags, meta = [], [], {}
 
     def flush(number: int) -> None:
         nonlocal tokens, tags, meta
