@@ -21,7 +21,8 @@ An utterance is a list of words, one BIO tag per word (``O``; ``B-type`` opens a
 Checks, each one clear line (:class:`~dptrain.errors.DataError`): a tag count that differs from
 the word count, a malformed tag, an ``I-`` tag that continues no slot of its type, an empty
 utterance, a tag or intent in validation/test that train never has. Missing validation/test
-splits are held out reproducibly, stratified by intent.
+splits are held out reproducibly, stratified by intent; a held-out utterance with a tag that
+train would lack goes back to train.
 """
 
 from __future__ import annotations
@@ -392,6 +393,15 @@ def _assemble_splits(raw, seed: int, validation_fraction: float, test_fraction: 
                 splits[name] += group[at:at + k]
                 at += k
             keep += group[at:]
+        # a held-out utterance with a tag train never has goes back to train (rare slot values)
+        seen = {t for u in keep for t in u.tags}
+        for name in missing:
+            back = [u for u in splits[name] if not set(u.tags) <= seen]
+            while back:
+                keep += back
+                seen |= {t for u in back for t in u.tags}
+                splits[name] = [u for u in splits[name] if u not in back]
+                back = [u for u in splits[name] if not set(u.tags) <= seen]
         splits["train"] = keep
     return splits
 

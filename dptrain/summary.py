@@ -13,6 +13,8 @@ def _eps(value) -> str:
 
 
 def table_rows(summaries: Sequence) -> list[list[str]]:
+    if summaries and all("slot_f1" in s.metrics for s in summaries):
+        return _slot_rows(summaries)
     rows = [["run", "ε target", "ε spent", "δ", "σ", "steps", "val acc", "test acc", "macro-F1", "time"]]
     for s in summaries:
         p, m = s.privacy, s.metrics
@@ -27,6 +29,22 @@ def table_rows(summaries: Sequence) -> list[list[str]]:
             f"{m['accuracy']:.3f}",
             f"{m['macro_f1']:.3f}",
             f"{s.seconds / 60:.1f} min",
+        ])
+    return rows
+
+
+def _slot_rows(summaries: Sequence) -> list[list[str]]:
+    """Joint/slot runs: test intent accuracy, entity-level slot F1, frame accuracy."""
+    rows = [["run", "ε target", "ε spent", "δ", "σ", "steps", "intent acc", "slot F1",
+             "frame acc", "time"]]
+    for s in summaries:
+        p, m = s.privacy, s.metrics
+        rows.append([
+            Path(s.out_dir).name, _eps(p["target_epsilon"]), _eps(p["epsilon"]),
+            "-" if p["delta"] is None else f"{p['delta']:.1e}", f"{p['noise_multiplier']:.3f}",
+            str(p["steps"]),
+            f"{m['intent_accuracy']:.3f}" if "intent_accuracy" in m else "-",
+            f"{m['slot_f1']:.3f}", f"{m['frame_accuracy']:.3f}", f"{s.seconds / 60:.1f} min",
         ])
     return rows
 

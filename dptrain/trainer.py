@@ -71,6 +71,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: str = field(default="auto", metadata={
         "help": "per-sample clipping bound C, or 'auto' (automatic clipping, Bu et al. 2023)"})
+    task: str = field(default="intent", metadata={
+        "help": "intent (sequence classification) | joint (intent + slot tags, one encoder) | "
+                "slots (slot tags only); joint/slots read BIO-tagged data, see README 'Slots'"})
     trainable: str = field(default="auto", metadata={
         "help": "which parameters train: auto (head for a pretrained encoder, all for tiny) | "
                 "all | head | last-K | bias | lora"})
@@ -148,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}.")
         if self.pooling not in ("auto", "cls", "mean"):
             raise ConfigError(f"pooling must be one of auto, cls, mean, got {self.pooling!r}.")
+        if self.task not in ("intent", "joint", "slots"):
+            raise ConfigError(f"task must be one of intent, joint, slots, got {self.task!r}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
@@ -466,6 +471,13 @@ def train_run(
         finish_bookkeeping(out)
         log.warning("%s holds a finished run; nothing left to train", out)
         return RunSummary.load(out)
+    if config.task != "intent" or (resume and _saved_task(out) != "intent"):
+        from .slot_trainer import train_slots_run
+
+        if data is not None or gradient_canaries is not None or dist is not None:
+            raise ConfigError("--task joint/slots trains in one process, on its own data, "
+                              "without audits (not yet).")
+        return train_slots_run(config, out, resume=resume, progress=progress, on_step=on_step)
     config, state = _config_and_checkpoint(config, out, resume, data)
     run, written = _build(config, out, data, state, dist, gradient_canaries, progress)
 
@@ -492,6 +504,13 @@ def train_run(
                          private=run.dp is not None)
     loop()
     return _finish(run, loop, started)
+
+
+def _saved_task(out: Path) -> str:
+    try:
+        return rundir.read_json(out / rundir.CONFIG)["config"].get("task", "intent")
+    except (ConfigError, KeyError, TypeError):
+        return "intent"
 
 
 def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):

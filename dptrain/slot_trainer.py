@@ -1,0 +1,292 @@
+"""``dptrain train --task joint|slots``: intent + slot models (or slots alone) under DP-SGD.
+
+The same run directory, loop, sampler, clipping, noise, accountant and checkpoints as the
+intent classifier (:mod:`dptrain.trainer`, :mod:`dptrain.loop`); what differs is the data
+(:mod:`dptrain.slot_data`), the model and its per-utterance loss (:mod:`dptrain.joint_model`:
+one clipped gradient per utterance, over all its tokens and both heads) and the metrics
+(:mod:`dptrain.slot_metrics`: intent accuracy, entity-level slot F1, frame accuracy, F1 per slot
+type). The model is saved as ``model/encoder/`` (an ordinary HF encoder), ``model/heads.
+safetensors`` and ``model/dptrain_joint.json`` (task, pooling, intents, tags); load it with
+:func:`load_joint`.
+
+Defaults: ``--trainable all`` with batch min(256, N/4), 3 epochs, lr 1e-3 (the non-head recipe;
+the feature cache of the head recipe does not apply to per-token heads yet). ``tiny`` uses [CLS]
+pooling, sentence-transformers checkpoints (``minilm``) the mean of the token states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import rundir
+from .errors import ConfigError
+from .joint_model import JointIntentSlotModel, align, collate, word_predictions
+
+JOINT_FORMAT = "dptrain_joint.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSlots:
+    ids: list
+    tags: list
+    intents: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class SlotBatches:
+    """Model inputs by split and index, on the run's device (the ``Batches`` of the loop)."""
+
+    features = None  # no feature cache: the loop cuts logical batches by physical_batch_size
+
+    def __init__(self, model, enc: dict, pad: int, device):
+        self.net, self.enc, self.pad, self.device = model, enc, pad, device
+
+    def batch(self, split: str, idx) -> dict[str, torch.Tensor]:
+        e = self.enc[split]
+        return {k: v.to(self.device) for k, v in
+                collate(e.ids, e.tags, e.intents, self.pad, [int(i) for i in idx]).items()}
+
+    def forward(self, split: str, idx):
+        return self.net(**self.batch(split, idx))
+
+
+def load_encoder(name: str, dropout: float | None = None):
+    """(encoder, tokenizer, pooling) of ``tiny``, ``minilm`` or a local directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from .models import MINILM, TINY, _QuietHF, _load_encoder, _sentence_transformer_pooling, \
+        minilm_path, refuse_pickled_weights, tiny_tokenizer
+
+    if name == TINY:
+        tokenizer = tiny_tokenizer()
+        encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=128,
+                                       max_position_embeddings=128), add_pooling_layer=False)
+        return encoder, tokenizer, "cls"
+    path = Path(minilm_path() if name == MINILM else name)
+    if not path.is_dir():
+        raise ConfigError(f"model {name!r} not found: give tiny, minilm or a local directory.")
+    refuse_pickled_weights(path)
+    with _QuietHF():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, add_prefix_space=True)
+        encoder = _load_encoder(path)
+    return encoder, tokenizer, _sentence_transformer_pooling(path) or "cls"
+
+
+def encode_slots(tokenizer, utterances, intents, tags, max_length: int) -> EncodedSlots:
+    tag_id = {t: i for i, t in enumerate(tags)}
+    ids, labels = align(tokenizer, [u.tokens for u in utterances],
+                        [[tag_id[t] for t in u.tags] for u in utterances], max_length)
+    intent_id = {t: i for i, t in enumerate(intents)}
+    return EncodedSlots(ids, labels, np.asarray([intent_id[u.intent] for u in utterances]),
+                        np.asarray([len(r) for r in ids]))
+
+
+def evaluate_slots(net, batches: SlotBatches, split: str, tags, intents, utterances,
+                   batch_size: int = 128) -> dict[str, Any]:
+    """Loss, intent accuracy, entity-level slot F1 and frame accuracy on ``split``; for the
+    loop, ``accuracy`` is the intent accuracy (joint) or the slot F1 (slots)."""
+    from .slot_metrics import slot_report
+
+    was = net.training
+    net.eval()
+    n = len(batches.enc[split])
+    loss_sum, gold, pred, gold_i, pred_i = 0.0, [], [], [], []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            b = batches.batch(split, idx)
+            out = net(**b)
+            loss_sum += float(out.loss) * len(idx)
+            for j, words in zip(idx, word_predictions(out.tag_logits, b["tag_labels"])):
+                kept = len(words)  # words cut off by max_length count as predicted O
+                gold.append(list(utterances[j].tags))
+                pred.append([tags[t] for t in words] + ["O"] * (len(utterances[j].tags) - kept))
+            if out.intent_logits is not None:
+                gold_i += [utterances[j].intent for j in idx]
+                pred_i += [intents[k] for k in out.intent_logits.argmax(-1).tolist()]
+    net.train(was)
+    report = slot_report(gold, pred, gold_i or None, pred_i or None)
+    report["loss"] = loss_sum / max(n, 1)
+    report["slot_f1"] = report["f1"]
+    report["accuracy"] = report.get("intent_accuracy", report["f1"])
+    return report
+
+
+def save_joint(model: JointIntentSlotModel, tokenizer, path: Path, intents, tags) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(path / "encoder", safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    heads = {f"tag_head.{k}": v for k, v in model.tag_head.state_dict().items()}
+    if model.intent_head is not None:
+        heads.update({f"intent_head.{k}": v for k, v in model.intent_head.state_dict().items()})
+    save_file({k: v.detach().contiguous() for k, v in heads.items()}, path / "heads.safetensors")
+    (path / JOINT_FORMAT).write_text(json.dumps({
+        "format": "dptrain joint intent+slot model, version 1", "task": model.task,
+        "pooling": model.pooling, "dropout": model.dropout.p, "intents": list(intents),
+        "tags": list(tags)}, indent=2) + "\n")
+
+
+def load_joint(path: str | Path):
+    """(model, tokenizer, meta) of a saved joint model, in eval mode (safetensors only)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(path)
+    meta = json.loads((path / JOINT_FORMAT).read_text())
+    encoder = AutoModel.from_pretrained(path / "encoder", local_files_only=True, use_safetensors=True)
+    model = JointIntentSlotModel(encoder, max(len(meta["intents"]), 1), len(meta["tags"]),
+                                 task=meta["task"], pooling=meta["pooling"], dropout=meta["dropout"])
+    state = load_file(path / "heads.safetensors")
+    model.tag_head.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("tag_head.")})
+    if model.intent_head is not None:
+        model.intent_head.load_state_dict(
+            {k[12:]: v for k, v in state.items() if k.startswith("intent_head.")})
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer, meta
+
+
+def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                    on_step=None):
+    """Train a joint (or slots-only) model and write its run directory; see the module docstring."""
+    from .device import resolve
+    from .loop import Run, TrainingLoop
+    from .models import set_trainable
+    from .slot_data import load_slot_data
+    from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
+                          _progress, clip_bound, finish_bookkeeping, fingerprint, prepare_out_dir)
+
+    started = time.monotonic()
+    out = Path(out_dir)
+    if config.secrets is not None:
+        raise ConfigError("--secrets plants sequence-classification secrets; slot-value secrets "
+                          "for --task joint/slots are not available yet.")
+    if prepare_out_dir(out, resume):
+        finish_bookkeeping(out)
+        return RunSummary.load(out)
+    config, state = _config_and_checkpoint(config, out, resume, None)
+    torch.manual_seed(config.seed)
+    data = load_slot_data(config.data, seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    texts = [" ".join(u.tokens) for u in data.train]
+    train_print = fingerprint(texts, [data.intents.index(u.intent) for u in data.train])
+    if state is not None and state["fingerprint"] != train_print:
+        raise ConfigError(f"the training data of {out} changed since the run started; resume "
+                          "needs the same data.")
+    device, precision = resolve(config.device, config.precision, config.private)
+    encoder, tokenizer, pooling = load_encoder(config.model)
+    if config.pooling != "auto":
+        pooling = config.pooling
+    model = JointIntentSlotModel(encoder, len(data.intents), len(data.tags), task=config.task,
+                                 pooling=pooling, dropout=0.1 if config.head_dropout is None
+                                 else config.head_dropout)
+    trainable = "all" if config.trainable == "auto" else config.trainable
+    n = len(data.train)
+    batch = config.batch_size or max(2, min(256, n // 4))
+    config = dataclasses.replace(config, trainable=trainable, batch_size=batch,
+                                 epochs=config.epochs if config.epochs is not None else 3.0,
+                                 lr=config.lr if config.lr is not None else 1e-3)
+    if trainable == "lora":
+        from .models import apply_lora
+
+        apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
+    n_trainable = set_trainable(model, trainable)
+    model.to(device)
+    enc = {name: encode_slots(tokenizer, split, data.intents, data.tags, config.max_length)
+           for name, split in data.splits.items()}
+    if config.batch_size > n:
+        raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
+    sample_rate = config.batch_size / n
+    steps = max(1, round(config.epochs / sample_rate))
+    batches = SlotBatches(model, enc, tokenizer.pad_token_id, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    dp = None
+    if config.private:
+        from .private_training import make_private
+
+        dp = make_private(model, optimizer, num_examples=n, batch_size=config.batch_size,
+                          steps=steps, target_epsilon=config.epsilon, delta=config.delta,
+                          max_grad_norm=clip_bound(config.max_grad_norm),
+                          accountant=config.accountant, seed=config.dp_seed)
+        step_optimizer, sampler = dp.optimizer, dp.sampler
+    else:
+        from .sampling import PoissonSampler
+
+        step_optimizer, sampler = optimizer, PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
+              batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
+              scheduler=scheduler, sampler=sampler, dp=dp, dist=None, device=device,
+              precision=precision, sample_rate=sample_rate, steps=steps,
+              train_fingerprint=train_print, state=state)
+    if not resume:
+        rundir.make_dir(out)
+        rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
+        rundir.write_json(out / rundir.CONFIG, {
+            "config": config.to_dict(),
+            "data": {"source": data.source, "intents": list(data.intents), "tags": list(data.tags),
+                     "label_names": list(data.intents),
+                     "sizes": {k: len(v) for k, v in data.splits.items()},
+                     "train_fingerprint": train_print},
+            "model": {"class": type(model).__name__, "task": config.task,
+                      "trainable_parameters": n_trainable,
+                      "total_parameters": sum(p.numel() for p in model.parameters())},
+        })
+        rundir.write_json(out / rundir.MEMBERS, {
+            "description": "identifiers of the utterances in the training set (members)",
+            "data": data.source, "num_members": n, "member_ids": list(range(n)),
+            "train_fingerprint": train_print})
+
+    def evaluate(net, b, split):
+        return evaluate_slots(net, b, split, data.tags, data.intents, data.splits[split])
+
+    loop = TrainingLoop(run, evaluate=evaluate, on_step=on_step, started=started,
+                        on_divergence=lambda done, loss: _diverged(out, config, dp, done, loss))
+    if state is not None:
+        loop.resume_from(state)
+    loop.bar = _progress(progress, total=steps, initial=loop.done, private=dp is not None)
+    loop()
+    if dp is not None:
+        dp.detach()
+    privacy = _privacy_record(config, dp, n, sample_rate, steps, loop.done)
+    privacy["unit"] = "one utterance (all its tokens and both heads)"
+    test, val = evaluate(model, batches, "test"), evaluate(model, batches, "validation")
+    metrics = {"task": config.task, **{k: test[k] for k in (
+        "loss", "precision", "recall", "f1", "frame_accuracy", "per_type") if k in test},
+        "slot_f1": test["f1"], "validation_slot_f1": val["f1"],
+        "num_test": len(data.test), "num_validation": len(data.validation)}
+    if config.task == "joint":
+        metrics["intent_accuracy"] = metrics["accuracy"] = test["intent_accuracy"]
+        metrics["validation_intent_accuracy"] = val["intent_accuracy"]
+    seconds = time.monotonic() - started + (float(state.get("seconds", 0.0)) if state else 0.0)
+    metrics["train_seconds"] = seconds
+    rundir.replace_dir(out / rundir.MODEL,
+                       lambda tmp: save_joint(_shipped(model, config), tokenizer, tmp,
+                                              data.intents, data.tags))
+    rundir.write_json(out / rundir.CURVES, loop.curves)
+    rundir.write_json(out / rundir.METRICS, metrics)
+    rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point
+    finish_bookkeeping(out)
+    return RunSummary(out, config, privacy, metrics, seconds)
+
+
+def _shipped(model, config):
+    if config.trainable != "lora":
+        return model
+    import copy
+
+    from .models import merge_lora
+
+    return merge_lora(copy.deepcopy(model))

@@ -1,0 +1,74 @@
+"""``dptrain train --task joint|slots`` end to end on the tiny model: it learns without noise,
+writes the run directory with the utterance as the privacy unit, resumes to the same model,
+and its saved model reloads with the same predictions."""
+
+import json
+
+import pytest
+import torch
+
+from dptrain import TrainConfig, train_run
+from dptrain.cli import main
+
+FAST = dict(model="tiny", data="synthetic", synthetic_per_intent=12, physical_batch_size=32)
+
+
+@pytest.mark.slow
+def test_non_private_joint_model_learns_intents_and_slots(tmp_path):
+    summary = train_run(TrainConfig(task="joint", epsilon=float("inf"), epochs=10, lr=3e-3,
+                                    batch_size=32, **{**FAST, "synthetic_per_intent": 40}),
+                        tmp_path / "run", progress=False)
+    m = summary.metrics
+    # measured 0.958 intent accuracy, 0.879 slot F1, 0.825 frame accuracy (chance: 1/30, ~0, ~0)
+    assert m["intent_accuracy"] > 0.8 and m["slot_f1"] > 0.7 and m["frame_accuracy"] > 0.6
+    assert set(m["per_type"]) >= {"city", "amount", "contact"}
+
+
+def test_private_joint_run_files_resume_and_reload(tmp_path):
+    from dptrain.slot_trainer import load_joint
+
+    config = TrainConfig(task="joint", epsilon=4.0, delta=1e-4, epochs=2, batch_size=48, dp_seed=5,
+                         checkpoint_every=4, **FAST)
+    whole = train_run(config, tmp_path / "whole", progress=False)
+    privacy = json.loads((tmp_path / "whole" / "privacy.json").read_text())
+    assert privacy["unit"].startswith("one utterance") and 3.9 < privacy["epsilon"] <= 4.0
+    assert privacy["steps"] == privacy["planned_steps"] == whole.privacy["steps"]
+    saved = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert saved["config"]["task"] == "joint" and saved["data"]["tags"][0] == "O"
+
+    class Crash(Exception):
+        pass
+
+    def crash(done):
+        if done == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_run(config, tmp_path / "stopped", progress=False, on_step=crash)
+    state = json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())
+    assert state["ledger"]["history"][0][2] == 4  # the ε of the 4 checkpointed steps is kept
+    resumed = train_run(config, tmp_path / "stopped", resume=True, progress=False)
+    assert resumed.privacy["epsilon"] == pytest.approx(whole.privacy["epsilon"], rel=1e-12)
+    a, _, _ = load_joint(tmp_path / "whole" / "model")
+    b, _, meta = load_joint(tmp_path / "stopped" / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    assert meta["task"] == "joint" and meta["intents"] == saved["data"]["intents"]
+    assert resumed.metrics["slot_f1"] == whole.metrics["slot_f1"]
+
+
+def test_slots_only_task_and_bad_input(tmp_path, capsys):
+    assert main(["train", "--task", "slots", "--model", "tiny", "--data", "synthetic",
+                 "--synthetic-per-intent", "8", "--epsilon", "inf", "--epochs", "1",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["task"] == "slots" and "intent_accuracy" not in metrics
+    assert "slot F1" in capsys.readouterr().out
+
+    (tmp_path / "d.jsonl").write_text('{"tokens": ["at", "7"], "tags": ["O"], "intent": "alarm"}\n')
+    assert main(["train", "--task", "joint", "--model", "tiny", "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "1 tags for 2 words" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    assert main(["train", "--task", "tagging", "--out", str(tmp_path / "bad")]) == 2
