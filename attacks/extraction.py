@@ -258,6 +258,9 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         run = Path(run_dir)
         if not (run / rundir.PRIVACY).is_file():
             raise ConfigError(f"--run {run_dir} is not a finished run (no {rundir.PRIVACY}).")
+        from attacks.shadows import check_run_dir
+
+        check_run_dir(run)  # refuses a joint/slot run
         secrets = read_secrets_file(run / "private" / "secrets.json", run_dir=run)
         out = Path(out_dir) if out_dir is not None else run / "extraction"
     outputs = OutputDir(out, COMMAND, what=None if out_dir is not None else

@@ -134,6 +134,11 @@ def check_run_dir(run_dir: str | Path) -> Path:
             how = ("it stopped before its first checkpoint, so there is nothing to resume: "
                    "train it again into a new directory")
         raise ConfigError(f"{run} holds an unfinished run (no {rundir.PRIVACY}); {how}.")
+    saved = rundir.read_json(run / rundir.CONFIG)
+    task = saved.get("config", {}).get("task", "intent") if isinstance(saved, dict) else "intent"
+    if task != "intent":
+        raise ConfigError(f"{run} is a --task {task} run: membership inference and extraction "
+                          "on intent+slot models are not available yet.")
     return run
 
 
