@@ -272,9 +272,15 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
         metrics["validation_intent_accuracy"] = val["intent_accuracy"]
     seconds = time.monotonic() - started + (float(state.get("seconds", 0.0)) if state else 0.0)
     metrics["train_seconds"] = seconds
-    rundir.replace_dir(out / rundir.MODEL,
-                       lambda tmp: save_joint(_shipped(model, config), tokenizer, tmp,
-                                              data.intents, data.tags))
+    from .models import _QuietHF
+
+    shipped = _shipped(model, config)
+
+    def write_model(tmp: Path) -> None:
+        with _QuietHF():  # no "Writing model shards" bar
+            save_joint(shipped, tokenizer, tmp, data.intents, data.tags)
+
+    rundir.replace_dir(out / rundir.MODEL, write_model)
     rundir.write_json(out / rundir.CURVES, loop.curves)
     rundir.write_json(out / rundir.METRICS, metrics)
     rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point
