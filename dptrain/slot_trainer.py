@@ -9,9 +9,13 @@ type). The model is saved as ``model/encoder/`` (an ordinary HF encoder), ``mode
 safetensors`` and ``model/dptrain_joint.json`` (task, pooling, intents, tags); load it with
 :func:`load_joint`.
 
-Defaults: ``--trainable all`` with batch min(256, N/4), 3 epochs, lr 1e-3 (the non-head recipe;
-the feature cache of the head recipe does not apply to per-token heads yet). ``tiny`` uses [CLS]
-pooling, sentence-transformers checkpoints (``minilm``) the mean of the token states.
+Defaults: the intent recipe (:func:`dptrain.trainer.recipe`): for a pretrained encoder the two
+heads alone train (``--trainable auto`` → ``head``; batch N/8, 40 epochs, lr 3e-2, no head
+dropout), the best measured on the synthetic slots (non-private 1.000 intent accuracy / 0.922
+slot F1 against LoRA's 0.903 / 0.341; README "Intent + slot models"); ``tiny`` trains whole
+(batch min(256, N/4), 3 epochs, lr 1e-3). The heads recipe still runs the frozen encoder every
+step: a per-token feature cache, as for intents, is still to come. ``tiny`` uses [CLS] pooling,
+sentence-transformers checkpoints (``minilm``) the mean of the token states.
 """
 
 from __future__ import annotations
@@ -166,7 +170,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .models import set_trainable
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
-                          _progress, clip_bound, finish_bookkeeping, fingerprint, prepare_out_dir)
+                          _progress, clip_bound, finish_bookkeeping, fingerprint, prepare_out_dir,
+                          recipe)
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -188,15 +193,13 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     encoder, tokenizer, pooling = load_encoder(config.model)
     if config.pooling != "auto":
         pooling = config.pooling
-    model = JointIntentSlotModel(encoder, len(data.intents), len(data.tags), task=config.task,
-                                 pooling=pooling, dropout=0.1 if config.head_dropout is None
-                                 else config.head_dropout)
-    trainable = "all" if config.trainable == "auto" else config.trainable
     n = len(data.train)
-    batch = config.batch_size or max(2, min(256, n // 4))
-    config = dataclasses.replace(config, trainable=trainable, batch_size=batch,
-                                 epochs=config.epochs if config.epochs is not None else 3.0,
-                                 lr=config.lr if config.lr is not None else 1e-3)
+    trainable = config.trainable
+    if trainable == "auto":  # as for intents: the heads of a pretrained encoder, all of tiny
+        trainable = "all" if config.model == "tiny" else "head"
+    config = recipe(config, trainable, n, mean_pooling=True)
+    model = JointIntentSlotModel(encoder, len(data.intents), len(data.tags), task=config.task,
+                                 pooling=pooling, dropout=config.head_dropout)
     if trainable == "lora":
         from .models import apply_lora
 
