@@ -170,8 +170,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .models import set_trainable
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
-                          _progress, clip_bound, finish_bookkeeping, fingerprint, prepare_out_dir,
-                          recipe)
+                          _progress, finish_bookkeeping, fingerprint, optimization,
+                          prepare_out_dir, recipe)
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -214,21 +214,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     steps = max(1, round(config.epochs / sample_rate))
     batches = SlotBatches(model, enc, tokenizer.pad_token_id, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    dp = None
-    if config.private:
-        from .private_training import make_private
-
-        dp = make_private(model, optimizer, num_examples=n, batch_size=config.batch_size,
-                          steps=steps, target_epsilon=config.epsilon, delta=config.delta,
-                          max_grad_norm=clip_bound(config.max_grad_norm),
-                          accountant=config.accountant, seed=config.dp_seed)
-        step_optimizer, sampler = dp.optimizer, dp.sampler
-    else:
-        from .sampling import PoissonSampler
-
-        step_optimizer, sampler = optimizer, PoissonSampler(n, sample_rate, steps, seed=config.dp_seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    optimizer, step_optimizer, sampler, dp, scheduler = optimization(config, model, params, n, steps)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=None, device=device,

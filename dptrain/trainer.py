@@ -588,39 +588,51 @@ def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries,
     batches = Batches(model, enc, tokenizer.pad_token_id, cache_features=cacheable(model),
                       progress=progress, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    dp = None
-    if config.private:
-        from .private_training import make_private
-
-        dp = make_private(
-            batches.net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
-            target_epsilon=config.epsilon, delta=config.delta,
-            max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
-            seed=config.dp_seed, distributed=dist,
-        )
-        step_optimizer, sampler = dp.optimizer, dp.sampler
-        if gradient_canaries is not None:
-            dp.attach_canaries(gradient_canaries)
-    else:
-        from .sampling import PoissonSampler
-
-        step_optimizer = optimizer
-        sampler = PoissonSampler(n, sample_rate, steps, shard=dist, seed=config.dp_seed if dist is None
-                                 else dist.shared_seed(config.dp_seed))
-        if gradient_canaries is not None:
-            named = [n_ for n_, p in model.named_parameters() if p.requires_grad]
-            bound = clip_bound(config.max_grad_norm)
-            gradient_canaries.bind(params, sample_rate=sample_rate, steps=steps, noise_multiplier=0.0,
-                                   sensitivity=1.0 if bound == "auto" else float(bound),
-                                   divisor=sample_rate * n, names=named)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    optimizer, step_optimizer, sampler, dp, scheduler = optimization(
+        config, batches.net, params, n, steps, dist)
+    if gradient_canaries is not None and dp is not None:
+        dp.attach_canaries(gradient_canaries)
+    elif gradient_canaries is not None:
+        named = [n_ for n_, p in model.named_parameters() if p.requires_grad]
+        bound = clip_bound(config.max_grad_norm)
+        gradient_canaries.bind(params, sample_rate=sample_rate, steps=steps, noise_multiplier=0.0,
+                               sensitivity=1.0 if bound == "auto" else float(bound),
+                               divisor=sample_rate * n, names=named)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=dist, device=device,
               precision=precision, sample_rate=sample_rate, steps=steps,
               train_fingerprint=train_print, state=state)
     return run, {"n_trainable": n_trainable, "n_natural": n_natural, "planted": planted}
+
+
+def optimization(config: TrainConfig, net, params, n: int, steps: int, dist=None):
+    """AdamW over ``params`` (linearly decayed to 0), and under DP :func:`~dptrain.
+    private_training.make_private` on ``net``; without DP the same Poisson sampler alone.
+    Returns (optimizer, what steps, sampler, dp or None, scheduler)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sample_rate = config.batch_size / n
+    dp = None
+    if config.private:
+        from .private_training import make_private
+
+        dp = make_private(
+            net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
+            target_epsilon=config.epsilon, delta=config.delta,
+            max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
+            seed=config.dp_seed, distributed=dist,
+        )
+        step_optimizer, sampler = dp.optimizer, dp.sampler
+    else:
+        from .sampling import PoissonSampler
+
+        step_optimizer = optimizer
+        sampler = PoissonSampler(n, sample_rate, steps, shard=dist, seed=config.dp_seed if dist is None
+                                 else dist.shared_seed(config.dp_seed))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    return optimizer, step_optimizer, sampler, dp, scheduler
 
 
 def _write_start(run, written: dict[str, Any], member_ids, extra_info) -> None:
