@@ -64,9 +64,10 @@ _SPLIT_ALIASES: Mapping[str, str] = {
     "val": "validation",
     "valid": "validation",
     "dev": "validation",
+    "validate": "validation",  # SNIPS' name
     "test": "test",
 }
-_ALLOWED_SPLITS = "train, validation (or val, valid, dev), test"
+_ALLOWED_SPLITS = "train, validation (or val, valid, dev, validate), test"
 _ALLOWED_SOURCES = (
     "a .csv, .tsv, .jsonl or .json file, a directory written by datasets' save_to_disk, "
     f"or {SYNTHETIC!r}"

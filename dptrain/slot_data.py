@@ -35,14 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .data import _SPLIT_ALIASES, _canonical_split
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 _TAG = re.compile(r"O|[BI]-\S+")
-_SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "valid":
-                "validation", "dev": "validation", "validate": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -200,13 +199,6 @@ def _read_text(path: Path) -> str:
         return data.decode("cp1252", errors="replace")
 
 
-def _split_name(value, where: str) -> str:
-    name = _SPLIT_NAMES.get(str(value).strip().lower())
-    if name is None:
-        raise DataError(f"{where}: split {value!r} is not one of train, validation, test.")
-    return name
-
-
 def _read_jsonl(path: Path) -> dict[str | None, list[Utterance]]:
     out: dict[str | None, list[Utterance]] = {}
     for number, line in enumerate(_read_text(path).splitlines(), 1):
@@ -219,7 +211,7 @@ def _read_jsonl(path: Path) -> dict[str | None, list[Utterance]]:
             raise DataError(f"{where}: not JSON ({exc.msg}).") from None
         if not isinstance(row, dict) or not {"tokens", "tags", "intent"} <= set(row):
             raise DataError(f"{where}: needs the keys tokens, tags and intent.")
-        split = _split_name(row["split"], where) if "split" in row else None
+        split = _canonical_split(row["split"], where) if "split" in row else None
         out.setdefault(split, []).append(check_utterance(row["tokens"], row["tags"], row["intent"], where))
     return out
 
@@ -232,7 +224,7 @@ def _read_conll(path: Path) -> dict[str | None, list[Utterance]]:
         nonlocal tokens, tags, meta
         if tokens:
             where = f"{path}, utterance ending at line {number}"
-            split = _split_name(meta["split"], where) if "split" in meta else None
+            split = _canonical_split(meta["split"], where) if "split" in meta else None
             out.setdefault(split, []).append(
                 check_utterance(tokens, tags, meta.get("intent"), where))
         elif meta:
@@ -310,7 +302,7 @@ def _read_hf(path: Path) -> dict[str | None, list[Utterance]]:
         tag_feature = ds.features["tags"]
         tag_names = getattr(getattr(tag_feature, "feature", None), "names", None)
         intent_names = getattr(ds.features["intent"], "names", None)
-        split = _SPLIT_NAMES.get(name) if name is not None else None
+        split = _SPLIT_ALIASES.get(name) if name is not None else None
         if name is not None and split is None:
             log.warning("%s: split %r ignored (not train, validation or test)", path, name)
             continue
