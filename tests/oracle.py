@@ -95,3 +95,16 @@ def padded_batch(kind: str, batch_size: int = 6, seq_len: int = 12, seed: int = 
 
 def row(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def removal_shifts(model: nn.Module, batch: dict[str, torch.Tensor], size: int) -> list[float]:
+    """‖S(D) − S(D∖{i})‖ for every i: S is whatever ``.grad`` holds after one backward pass of
+    ``model(**rows).loss`` over the rows kept (the engine's pre-noise clipped sum when a clipper
+    is attached), over all trainable parameters."""
+    def summed(keep: list[int]) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model(**{k: v[keep] for k, v in batch.items()}).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    full = summed(list(range(size)))
+    return [float((full - summed([j for j in range(size) if j != i])).norm()) for i in range(size)]

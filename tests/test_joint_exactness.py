@@ -12,7 +12,7 @@ import torch
 
 from dptrain import PerSampleClipper
 from dptrain.joint_model import IGNORE, JointIntentSlotModel, per_utterance_loss
-from oracle import assert_grads_close, clipped_sum, norms_of, per_example_grads
+from oracle import assert_grads_close, clipped_sum, norms_of, per_example_grads, removal_shifts
 
 
 def encoder(kind):
@@ -86,15 +86,7 @@ def test_removing_one_utterance_moves_the_clipped_sum_by_at_most_C(kind):
     b = batch(kind, size=8, seed=1)
     bound = 1e-3  # below every norm: each utterance contributes exactly C
     clipper = PerSampleClipper(model, max_grad_norm=bound)
-
-    def clipped(keep):
-        model.zero_grad(set_to_none=True)
-        model(**{k: v[keep] for k, v in b.items()}).loss.backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-
-    full = clipped(list(range(8)))
-    for drop in range(8):
-        moved = float((full - clipped([i for i in range(8) if i != drop])).norm())
+    for moved in removal_shifts(model, b, 8):
         assert 0.99 * bound < moved <= bound * (1 + 1e-6)
     clipper.detach()
 
