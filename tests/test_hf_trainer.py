@@ -89,7 +89,8 @@ def public_encoder(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("public")
     train_run(TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=30, seed=1,
-                          epsilon=float("inf"), epochs=8, lr=5e-3, batch_size=32), root / "run",
+                          epsilon=float("inf"), epochs=8, lr=5e-3, batch_size=32, dp_seed=1),
+              root / "run",
               progress=False)
     model = AutoModelForSequenceClassification.from_pretrained(root / "run" / "model")
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def public_encoder(tmp_path_factory):
 
 def test_accuracy_matches_the_cli_on_the_same_recipe(tmp_path, public_encoder):
     """Same data, recipe and ε = 8 (the head of a publicly pretrained encoder): both learn the
-    30 synthetic intents far above chance (1/30; measured 0.589 and 0.578) and their test
+    30 synthetic intents far above chance (1/30; measured 0.700 and 0.733) and their test
     accuracies agree within sampling error (two runs with independent noise)."""
     from dptrain.models import set_trainable
 
