@@ -50,8 +50,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from . import rundir
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,8 @@ class DPTrainer(Trainer):
             "sampler_step": dp.sampler.step,
             "ledger": dp.ledger.state_dict(),
             "seeded": self.dp_args.dp_seed is not None,
-            **({"sampler": dp.sampler.state_dict(), "noise": dp.optimizer.noise.state_dict()}
+            **({"sampler": dp.sampler.state_dict(), "noise": {"generators": [
+                g.tolist() for g in dp.optimizer.noise.state_dict()["generators"]]}}
                if self.dp_args.dp_seed is not None else {}),
         }
 
@@ -255,11 +255,7 @@ class DPTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save and getattr(self, "dp", None) is not None:
             out = Path(output_dir if output_dir is not None else self.args.output_dir)
-            record = self.privacy_record()
-            text = json.dumps(_jsonable(record), indent=2) + "\n"
-            tmp = out / (PRIVACY_FILE + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, out / PRIVACY_FILE)
+            rundir.write_json(out / PRIVACY_FILE, self.privacy_record())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None,
               ignore_keys_for_eval=None, **kwargs):
@@ -340,14 +336,3 @@ def _refuse_unsafe(args: TrainingArguments, kwargs: dict, cls: type, train_datas
     if args.use_liger_kernel or args.torch_compile:
         refuse("fused kernels and torch.compile are not verified with per-sample clipping.")
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return value
