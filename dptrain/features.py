@@ -14,6 +14,12 @@ disk or in a shared cache. Within one process they are remembered per encoder (b
 its weights) and token sequence, so the shadow models of ``attack mia`` and the runs of an audit,
 which see the same population, encode each example once. A model whose encoder has any
 trainable parameter is refused here (the cache would skip it).
+
+Joint intent + slot models (:mod:`dptrain.joint_model`) cache more: each utterance's token
+states (:func:`token_states`), from which :class:`JointFeatureHead` reads the pooled state for
+the intent head and the states of each word's first sub-token for the tag head. The
+per-utterance loss, and so the clipped gradient of each utterance, is that of the full model
+with a frozen encoder in eval mode.
 """
 
 from __future__ import annotations
@@ -44,13 +50,51 @@ class FeatureHead(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+class JointFeatureHead(nn.Module):
+    """The two heads of a :class:`~dptrain.joint_model.JointIntentSlotModel`, applied to cached
+    states: ``pooled`` [B, d] and ``word_states`` [B, W, d] (each word's first sub-token, padded
+    with tag label -100). Shares its parameters with the model: training it trains that model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.dropout, self.intent_head, self.tag_head = model.dropout, model.intent_head, model.tag_head
+
+    def forward(self, pooled: torch.Tensor, word_states: torch.Tensor, labels=None, tag_labels=None):
+        from .joint_model import JointOutput, per_utterance_loss
+
+        intent_logits = (self.intent_head(self.dropout(pooled)) if self.intent_head is not None
+                         else None)
+        tag_logits = self.tag_head(self.dropout(word_states))
+        loss = None
+        if tag_labels is not None:
+            loss = per_utterance_loss(intent_logits, tag_logits, labels, tag_labels).mean()
+        return JointOutput(loss=loss, intent_logits=intent_logits, tag_logits=tag_logits)
+
+
 def cacheable(model: nn.Module) -> bool:
-    """Whether the model is a mean-pooling classifier whose encoder is entirely frozen."""
+    """Whether the model is a mean-pooling classifier or a joint intent + slot model whose
+    encoder is entirely frozen."""
+    from .joint_model import JointIntentSlotModel
     from .models import MeanPoolingClassifier
 
-    if not isinstance(model, MeanPoolingClassifier):
+    if not isinstance(model, (MeanPoolingClassifier, JointIntentSlotModel)):
         return False
     return not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def joint_feature_head(model: nn.Module) -> JointFeatureHead:
+    """The heads to train on cached token states; refuses a model the cache would get wrong."""
+    from .joint_model import JointIntentSlotModel
+
+    if not isinstance(model, JointIntentSlotModel):
+        raise ModelError(f"cached token states need a joint model, got {type(model).__name__}.")
+    trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ModelError(
+            f"cannot cache the encoder's states: {len(trainable)} encoder parameter(s) train "
+            f"(e.g. encoder.{trainable[0]}), and the cache would skip their gradients."
+        )
+    return JointFeatureHead(model)
 
 
 def feature_head(model: nn.Module) -> FeatureHead:
@@ -69,6 +113,13 @@ def feature_head(model: nn.Module) -> FeatureHead:
 
 
 _MEMORY: dict[tuple, dict[tuple[int, ...], torch.Tensor]] = {}  # one encoder at a time
+
+
+def _memory(key: tuple) -> dict[tuple[int, ...], torch.Tensor]:
+    if key not in _MEMORY:
+        _MEMORY.clear()
+        _MEMORY[key] = {}
+    return _MEMORY[key]
 
 
 def forget() -> None:
@@ -93,11 +144,8 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
     device = device if device is not None else next(model.encoder.parameters()).device
 
     dtype = next(model.classifier.parameters()).dtype  # what the head computes in
-    key = (encoder_sha256 or weights_sha256(model.encoder), dtype, int(pad_token_id), precision)
-    if key not in _MEMORY:
-        _MEMORY.clear()
-        _MEMORY[key] = {}
-    memory = _MEMORY[key]
+    memory = _memory(("pooled", encoder_sha256 or weights_sha256(model.encoder), dtype,
+                      int(pad_token_id), precision))
     out = torch.empty(len(encoded), model.config.hidden_size, dtype=dtype)
     todo = []
     for i, ids in enumerate(encoded.input_ids):
@@ -130,4 +178,48 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
                 progress(len(idx))
     finally:
         model.encoder.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def token_states(encoder: nn.Module, ids, lengths, pad_token_id: int, batch_size: int = 256,
+                 progress=None, encoder_sha256: str | None = None, device=None,
+                 precision: str = "fp32") -> list[torch.Tensor]:
+    """The last hidden states [T_i, d] (on the CPU; fp16/bf16 upcast to fp32) of every token sequence in ``ids``,
+    encoded in eval mode, batched by length and remembered per sequence like
+    :func:`pooled_features` (each row depends on its own sequence only)."""
+    from .device import autocast
+    from .models import weights_sha256
+
+    device = device if device is not None else next(encoder.parameters()).device
+    memory = _memory(("tokens", encoder_sha256 or weights_sha256(encoder), int(pad_token_id),
+                      precision))
+    out: list[torch.Tensor | None] = [memory.get(tuple(r)) for r in ids]
+    todo = np.asarray([i for i, known in enumerate(out) if known is None], dtype=np.int64)
+    if progress is not None and len(ids) > len(todo):
+        progress(len(ids) - len(todo))
+    order = todo[np.argsort(np.asarray(lengths)[todo], kind="stable")]
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size].tolist()
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), int(pad_token_id), dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, :len(ids[i])] = torch.as_tensor(ids[i])
+                mask[row, :len(ids[i])] = 1
+            with autocast(device, precision):
+                states = encoder(input_ids=input_ids.to(device),
+                                 attention_mask=mask.to(device)).last_hidden_state
+            if states.dtype in (torch.float16, torch.bfloat16):
+                states = states.float()
+            states = states.cpu()
+            for row, i in enumerate(idx):
+                out[i] = memory[tuple(ids[i])] = states[row, :len(ids[i])].clone()
+            if progress is not None:
+                progress(len(idx))
+    finally:
+        encoder.train(was_training)
     return out

@@ -48,17 +48,64 @@ class EncodedSlots:
 
 
 class SlotBatches:
-    """Model inputs by split and index, on the run's device (the ``Batches`` of the loop)."""
+    """Model inputs by split and index, on the run's device (the ``Batches`` of the loop).
 
-    features = None  # no feature cache: the loop cuts logical batches by physical_batch_size
+    With ``cache_features`` (the encoder is frozen: :func:`dptrain.features.cacheable`) the
+    encoder runs once per utterance, in eval mode, and ``net`` is the two heads on the cached
+    states (:class:`dptrain.features.JointFeatureHead`): each step then costs the heads alone.
+    """
 
-    def __init__(self, model, enc: dict, pad: int, device):
+    def __init__(self, model, enc: dict, pad: int, device, cache_features: bool = False,
+                 progress: bool = False):
         self.net, self.enc, self.pad, self.device = model, enc, pad, device
+        self.features = None  # None: the loop cuts logical batches by physical_batch_size
+        if cache_features:
+            from .features import joint_feature_head, token_states
+            from .joint_model import IGNORE
+            from .models import weights_sha256
+            from .trainer import _bar
+
+            self.net = joint_feature_head(model)
+            bar = _bar(progress, sum(len(e) for e in enc.values()), "encoding (once)", "utt")
+            sha = weights_sha256(model.encoder)
+            self.features = {}
+            for name, e in enc.items():
+                states = token_states(model.encoder, e.ids, e.lengths, pad, encoder_sha256=sha,
+                                      device=device, progress=bar.update if bar else None)
+                if model.pooling == "cls":
+                    pooled = torch.stack([s[0] for s in states]) if states else torch.empty(0)
+                else:
+                    pooled = torch.stack([s.mean(0) for s in states]) if states else torch.empty(0)
+                kept = [torch.as_tensor(t) != IGNORE for t in e.tags]
+                self.features[name] = {
+                    "pooled": pooled,
+                    "words": [s[k] for s, k in zip(states, kept)],
+                    "tags": [torch.as_tensor(t)[k] for t, k in zip(e.tags, kept)],
+                }
+            if bar is not None:
+                bar.close()
 
     def batch(self, split: str, idx) -> dict[str, torch.Tensor]:
         e = self.enc[split]
-        return {k: v.to(self.device) for k, v in
-                collate(e.ids, e.tags, e.intents, self.pad, [int(i) for i in idx]).items()}
+        idx = [int(i) for i in idx]
+        if self.features is None:
+            return {k: v.to(self.device) for k, v in
+                    collate(e.ids, e.tags, e.intents, self.pad, idx).items()}
+        from torch.nn.utils.rnn import pad_sequence
+
+        from .joint_model import IGNORE
+
+        f = self.features[split]
+        dtype = self.net.tag_head.weight.dtype
+        d = f["pooled"].shape[-1] if len(f["pooled"]) else self.net.tag_head.in_features
+        words = [f["words"][i] for i in idx] or [torch.zeros(0, d)]
+        tags = [f["tags"][i] for i in idx] or [torch.zeros(0, dtype=torch.long)]
+        batch = {"pooled": f["pooled"][idx].reshape(len(idx), d),
+                 "word_states": pad_sequence(words, batch_first=True)[:len(idx)],
+                 "tag_labels": pad_sequence(tags, batch_first=True, padding_value=IGNORE)[:len(idx)],
+                 "labels": torch.as_tensor(e.intents[idx], dtype=torch.long)}
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                for k, v in batch.items()}
 
     def forward(self, split: str, idx):
         return self.net(**self.batch(split, idx))
@@ -212,9 +259,13 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
         raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
     sample_rate = config.batch_size / n
     steps = max(1, round(config.epochs / sample_rate))
-    batches = SlotBatches(model, enc, tokenizer.pad_token_id, device)
+    from .features import cacheable
+
+    batches = SlotBatches(model, enc, tokenizer.pad_token_id, device,
+                          cache_features=cacheable(model), progress=progress)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, step_optimizer, sampler, dp, scheduler = optimization(config, model, params, n, steps)
+    optimizer, step_optimizer, sampler, dp, scheduler = optimization(
+        config, batches.net, params, n, steps)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=None, device=device,
@@ -251,7 +302,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
         dp.detach()
     privacy = _privacy_record(config, dp, n, sample_rate, steps, loop.done)
     privacy["unit"] = "one utterance (all its tokens and both heads)"
-    test, val = evaluate(model, batches, "test"), evaluate(model, batches, "validation")
+    test, val = evaluate(batches.net, batches, "test"), evaluate(batches.net, batches, "validation")
     metrics = {"task": config.task, **{k: test[k] for k in (
         "loss", "precision", "recall", "f1", "frame_accuracy", "per_type") if k in test},
         "slot_f1": test["f1"], "validation_slot_f1": val["f1"],

@@ -103,3 +103,48 @@ def test_the_tag_loss_is_averaged_within_each_utterance_not_over_the_batch():
         per = per_utterance_loss(out.intent_logits, out.tag_logits, b["labels"], b["tag_labels"])
     torch.testing.assert_close(together, alone.mean())
     torch.testing.assert_close(per, alone)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("method", ["ghost", "instantiate"])
+def test_cached_token_states_give_the_same_clipped_sums_as_the_frozen_encoder(pooling, method):
+    """The heads recipe trains on cached token states (dptrain.features.JointFeatureHead): real
+    tokenizer alignment, every utterance clipped, must equal the per-example loop of the full
+    model with its encoder frozen in eval mode; removing an utterance moves the sum by ≤ C."""
+    from dptrain.models import set_trainable
+    from dptrain.slot_data import load_slot_data
+    from dptrain.slot_trainer import SlotBatches, encode_slots, load_encoder
+
+    data = load_slot_data("synthetic", synthetic_per_intent=3, seed=0)
+    enc_model, tokenizer, _ = load_encoder("tiny")
+    torch.manual_seed(0)
+    model = JointIntentSlotModel(enc_model, len(data.intents), len(data.tags), pooling=pooling,
+                                 dropout=0.0).double()
+    set_trainable(model, "head")
+    enc = {"train": encode_slots(tokenizer, data.train, data.intents, data.tags, 32)}
+    idx = list(range(10))
+    assert len({len(enc["train"].ids[i]) for i in idx}) > 2  # padding matters
+    full = SlotBatches(model, enc, tokenizer.pad_token_id, torch.device("cpu"))
+    model.encoder.eval()
+    ref = per_example_grads(model, lambda i: model(**full.batch("train", [idx[i]])).loss, len(idx))
+    C = 0.5 * float(norms_of(ref).min())  # every utterance clipped
+    cached = SlotBatches(model, enc, tokenizer.pad_token_id, torch.device("cpu"), cache_features=True)
+    assert cached.net is not model and cached.features is not None
+    clipper = PerSampleClipper(cached.net, max_grad_norm=C, norm_method=method)
+    cached.net.zero_grad(set_to_none=True)
+    cached.forward("train", idx).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    want = clipped_sum(ref, C)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-9 * C)
+    shifts = removal_shifts(cached.net, cached.batch("train", idx), len(idx))
+    assert all(0.99 * C < s <= C * (1 + 1e-6) for s in shifts)
+    clipper.detach()
+    # and the predictions of the cached heads are the full model's
+    with torch.no_grad():
+        fa, fb = full.batch("train", idx), cached.batch("train", idx)
+        a, b = model(**fa), cached.net(**fb)
+    torch.testing.assert_close(a.intent_logits, b.intent_logits)
+    torch.testing.assert_close(a.tag_logits[fa["tag_labels"] != IGNORE],
+                               b.tag_logits[fb["tag_labels"] != IGNORE])
