@@ -211,3 +211,84 @@ def sampled_rank(scorer: SecretScorer, true_indices: Sequence[int], samples: int
     return {"rank": 1.0 + k / samples * (size - 1), "low": 1.0 + ci.low * (size - 1),
             "high": 1.0 + ci.high * (size - 1), "samples": samples, "above": k,
             "confidence": confidence}
+
+
+def _logit_confidence(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """φ = z_y − logsumexp_{j≠y} z_j over the last axis, for targets broadcast to logits[..., 0]."""
+    z = logits.double()
+    z_y = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    others = z.scatter(-1, target.unsqueeze(-1), float("-inf"))
+    return z_y - torch.logsumexp(others, dim=-1)
+
+
+class SlotSecretScorer:
+    """The frame score of a secret planted as a slot value in a joint intent + slot model (or a
+    slots-only model): the attacker knows the carrier phrase, the slot type (so the tags
+    ``B-slot I-slot …`` of the value) and the intent, and scores a candidate value c by
+
+        s(c) = φ(intent | prefix c) + Σ_j φ(tag_j | prefix c, word j of the value),
+
+    φ the logit of each probability (as :class:`SecretScorer`; no intent term for a slots-only
+    model). The same interface as :class:`SecretScorer`, so enumeration, ranks, exposure and the
+    relaxation attack apply unchanged. Texts are tokenized word by word, as training aligned them.
+    """
+
+    def __init__(self, model, tokenizer, prefix: str, candidates: Sequence[str], length: int,
+                 label_id: int | None, tag_ids: Sequence[int], max_length: int = 512):
+        from dptrain.joint_model import IGNORE, align
+        from dptrain.secret_canaries import candidate_ids
+
+        if length < 1:
+            raise ConfigError(f"secret length must be >= 1, got {length}.")
+        if len(tag_ids) != length:
+            raise ConfigError(f"{len(tag_ids)} tags for a secret of {length} tokens.")
+        _, cand_ids = candidate_ids(tokenizer, prefix, candidates)
+        words = prefix.split() + [str(candidates[0])] * length
+        ids, labels = align(tokenizer, [words], [list(range(len(words)))], max_length)
+        firsts = [i for i, w in enumerate(labels[0]) if w != IGNORE and w >= len(prefix.split())]
+        if len(firsts) != length or any(ids[0][i] != cand_ids[0] for i in firsts):
+            raise ConfigError(f"the secret after {prefix!r} does not tokenize into one token per "
+                              "candidate word.")
+        self.positions = torch.tensor(firsts)
+        self.template = torch.tensor(ids[0])
+        self.candidate_ids = torch.tensor(cand_ids)
+        self.candidates, self.length = tuple(candidates), int(length)
+        self.tag_ids = torch.as_tensor(list(tag_ids), dtype=torch.long)
+        self.label_id = None if model.intent_head is None or label_id is None else int(label_id)
+        if self.label_id is not None and not 0 <= self.label_id < model.intent_head.out_features:
+            raise ConfigError(f"intent id {label_id} is outside the model's intents.")
+        if int(self.tag_ids.max()) >= model.tag_head.out_features or int(self.tag_ids.min()) < 0:
+            raise ConfigError("a secret tag is outside the model's tags.")
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._embedding = model.encoder.get_input_embeddings()
+
+    space_size = SecretScorer.space_size
+    ids = SecretScorer.ids
+
+    def _frame(self, out) -> torch.Tensor:
+        tags = out.tag_logits[:, self.positions]  # [M, n, K]
+        s = _logit_confidence(tags, self.tag_ids.expand(len(tags), -1)).sum(-1)
+        if self.label_id is not None:
+            target = torch.full((len(tags),), self.label_id, dtype=torch.long)
+            s = s + _logit_confidence(out.intent_logits, target)
+        return s
+
+    @torch.no_grad()
+    def score(self, indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        ids = self.ids(indices)
+        out = np.empty(len(ids), dtype=np.float64)
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            result = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
+            out[start:start + len(chunk)] = self._frame(result).numpy()
+        return out
+
+    def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
+        """s on mixtures of the candidates' input embeddings at the value's positions."""
+        table = self._embedding.weight
+        base = table[self.template].unsqueeze(0).expand(len(weights), -1, -1).clone()
+        base[:, self.positions] = weights.to(table.dtype) @ table[self.candidate_ids]
+        mask = torch.ones(base.shape[:2], dtype=torch.long)
+        return self._frame(self.model(inputs_embeds=base, attention_mask=mask))

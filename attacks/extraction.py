@@ -33,8 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from attacks.exposure import (CHANCE_EXPOSURE, SecretScorer, calibrated_score, enumerate_scores,
-                              exposure, flat_index, rank_of, sampled_rank, unflatten)
+from attacks.exposure import (CHANCE_EXPOSURE, SecretScorer, SlotSecretScorer, calibrated_score,
+                              enumerate_scores, exposure, flat_index, rank_of, sampled_rank,
+                              unflatten)
 from dptrain.errors import ConfigError
 
 COMMAND = "dptrain attack extract"
@@ -215,6 +216,11 @@ def _load_reference(reference: str | Path):
     if (path / "private" / "secrets.json").exists():
         raise ConfigError(f"--reference {reference} was trained with secrets of its own; the "
                           "reference must not have seen them.")
+    from dptrain.slot_trainer import JOINT_FORMAT, load_joint
+
+    if (model_dir / JOINT_FORMAT).is_file():
+        model, tokenizer, _ = load_joint(model_dir)
+        return model, tokenizer
     return load_trained(model_dir)
 
 
@@ -260,8 +266,9 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
             raise ConfigError(f"--run {run_dir} is not a finished run (no {rundir.PRIVACY}).")
         from attacks.shadows import check_run_dir
 
-        check_run_dir(run)  # refuses a joint/slot run
+        check_run_dir(run, tasks=("intent", "joint", "slots"))
         secrets = read_secrets_file(run / "private" / "secrets.json", run_dir=run)
+        task = rundir.read_json(run / rundir.CONFIG)["config"].get("task", "intent")
         out = Path(out_dir) if out_dir is not None else run / "extraction"
     outputs = OutputDir(out, COMMAND, what=None if out_dir is not None else
                         f"the report directory {out} (default --out)")
@@ -270,6 +277,12 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         model, tokenizer = load_foreign_classifier(model_dir)
         id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
         labels = [id2label.get(i, str(i)) for i in range(int(model.config.num_labels))]
+    elif task != "intent":  # the secret is a slot value (dptrain.secret_canaries: slot)
+        from dptrain.slot_trainer import load_joint
+
+        model, tokenizer, meta = load_joint(run / rundir.MODEL)
+        labels, tags = list(meta["intents"]), list(meta["tags"])
+        max_length = int(rundir.read_json(run / rundir.CONFIG)["config"].get("max_length", 512))
     else:
         model, tokenizer = load_trained(run / rundir.MODEL)
         labels = rundir.read_json(run / rundir.CONFIG)["data"]["label_names"]
@@ -278,6 +291,19 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         ref_model, ref_tokenizer = _load_reference(reference)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"--reference {reference} uses another tokenizer than the run.")
+        if (getattr(ref_model, "tag_head", None) is None) != (model_dir is not None or task == "intent"):
+            raise ConfigError(f"--reference {reference} is not a model of the run's task.")
+
+    def scorer_of(net, tok, secret, label_id):
+        if model_dir is not None or task == "intent":
+            return SecretScorer(net, tok, secret.prefix, secret.candidates, len(secret.tokens),
+                                label_id)
+        value_tags = secret.tags[-len(secret.tokens):]
+        missing = [t for t in value_tags if t not in tags]
+        if missing:
+            raise ConfigError(f"secret tag {missing[0]!r} is not a tag of {run}.")
+        return SlotSecretScorer(net, tok, secret.prefix, secret.candidates, len(secret.tokens),
+                                label_id, [tags.index(t) for t in value_tags], max_length)
     for secret in secrets:
         if secret.label not in labels:
             raise ConfigError(f"secret label {secret.label!r} is not a label of {run}.")
@@ -293,10 +319,8 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
     for i, secret in enumerate(secrets):
         t0 = time.monotonic()
         label_id = labels.index(secret.label)
-        scorer = SecretScorer(model, tokenizer, secret.prefix, secret.candidates,
-                              len(secret.tokens), label_id)
-        ref = None if ref_model is None else SecretScorer(
-            ref_model, ref_tokenizer, secret.prefix, secret.candidates, len(secret.tokens), label_id)
+        scorer = scorer_of(model, tokenizer, secret, label_id)
+        ref = None if ref_model is None else scorer_of(ref_model, ref_tokenizer, secret, label_id)
         truth = [secret.candidates.index(t) for t in secret.tokens]
         found = attack_secret(scorer, ref, truth, methods=methods, max_enumerate=max_enumerate,
                               samples=samples, seed=seed + 7919 * i,
@@ -326,7 +350,10 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         "learned": learned,
         "reference": None if reference is None else str(reference),
         "threat_model": "white-box: the attacker holds the weights and knows each secret's "
-                        "prefix, length, candidate set and label",
+                        "prefix, length, candidate set and label" + (
+                            "" if model_dir is not None or task == "intent" else
+                            ", and the slot type of the value; candidates are scored by the "
+                            "logits of the intent and of the value's B-/I- tags"),
         "epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
         "methods": list(methods),
         "chance": {"exposure_bits": CHANCE_EXPOSURE,

@@ -16,7 +16,11 @@ family or a list of them (under ``secrets:`` in a file). Keys, with their defaul
 * ``repetitions``: ``1,5,20,100`` — one secret per entry, added that many times;
 * ``per_repetition``: secrets per repetition count (default 1);
 * ``label``: an intent of the data; default: a different random intent for each secret, so
-  that secrets sharing the prefix do not pull the same label toward each other's tokens.
+  that secrets sharing the prefix do not pull the same label toward each other's tokens;
+* ``slot``: for ``--task joint|slots``, the slot type of the secret value (default ``pin``): the
+  planted utterance is tagged ``O`` on the prefix and ``B-pin I-pin …`` on the secret tokens,
+  the setting of Parikh et al. (the secret is a slot value; the attacker knows the carrier
+  phrase and the slot type). Sequence classifiers have no slots and ignore it.
 
 Each candidate must be exactly one token of the model's tokenizer after the prefix (checked;
 a candidate that splits into several is refused with the pieces it became), so the attacker's
@@ -44,7 +48,8 @@ from .errors import ConfigError, DataError
 
 DIGITS = tuple("0123456789")
 DEFAULTS = {"prefix": "my pin code is", "length": 4, "candidates": "digits",
-            "repetitions": [1, 5, 20, 100], "per_repetition": 1, "label": None}
+            "repetitions": [1, 5, 20, 100], "per_repetition": 1, "label": None, "slot": None}
+DEFAULT_SLOT = "pin"
 _SECRET_TAG = 0x73656372  # "secr": a spawn key that the sampler, the noise and the audit do not use
 SECRETS_FILE = "private/secrets.json"
 
@@ -58,10 +63,21 @@ class Secret:
     candidates: tuple[str, ...]
     label: str
     repetitions: int
+    slot: str | None = None  # the slot type of the value (joint/slot models)
 
     @property
     def text(self) -> str:
         return " ".join((self.prefix, *self.tokens))
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return (*self.prefix.split(), *self.tokens)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """BIO tags of :attr:`words`: ``O`` on the prefix, the slot on the secret tokens."""
+        slot = self.slot or DEFAULT_SLOT
+        return (*["O"] * len(self.prefix.split()), f"B-{slot}", *[f"I-{slot}"] * (len(self.tokens) - 1))
 
     @property
     def space_size(self) -> int:
@@ -70,12 +86,13 @@ class Secret:
     def to_dict(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "tokens": list(self.tokens),
                 "candidates": list(self.candidates), "label": self.label,
-                "repetitions": self.repetitions}
+                "repetitions": self.repetitions, **({"slot": self.slot} if self.slot else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Secret":
+        slot = d.get("slot")
         return cls(str(d["prefix"]), tuple(d["tokens"]), tuple(d["candidates"]), str(d["label"]),
-                   int(d["repetitions"]))
+                   int(d["repetitions"]), None if slot is None else str(slot))
 
 
 def parse_spec(spec: str) -> list[dict[str, Any]]:
@@ -183,6 +200,10 @@ def _check_family(raw: Any, where: str) -> dict[str, Any]:
     family["per_repetition"] = _integer(family["per_repetition"], f"{where}: per_repetition", 1)
     if family["label"] is not None and not isinstance(family["label"], (str, int)):
         raise ConfigError(f"{where}: label must be an intent name, got {family['label']!r}.")
+    slot = family["slot"]
+    if slot is not None and (not isinstance(slot, str) or not slot.strip()
+                             or len(slot.split()) != 1 or slot.startswith(("B-", "I-")) or slot == "O"):
+        raise ConfigError(f"{where}: slot must be one word naming a slot type (e.g. pin), got {slot!r}.")
     return family
 
 
@@ -244,7 +265,8 @@ def plant_secrets(families: list[dict[str, Any]], label_names: Sequence[str], to
                     chosen = str(label)
                 cands = family["candidates"]
                 tokens = tuple(cands[int(i)] for i in rng.integers(0, len(cands), family["length"]))
-                secrets.append(Secret(family["prefix"], tokens, tuple(cands), chosen, int(r)))
+                secrets.append(Secret(family["prefix"], tokens, tuple(cands), chosen, int(r),
+                                      family["slot"]))
     return secrets
 
 
@@ -258,6 +280,18 @@ def insert_secrets(data, secrets: Sequence[Secret]):
     train = Split(data.train.texts + tuple(texts),
                   np.concatenate([data.train.labels, np.asarray(labels, dtype=np.int64)]))
     return dataclasses.replace(data, train=train)
+
+
+def insert_slot_secrets(data, secrets: Sequence[Secret]):
+    """Slot data with each secret appended ``repetitions`` times to its training split as a
+    tagged utterance (:attr:`Secret.words`, :attr:`Secret.tags`); a new slot type joins the tag
+    vocabulary."""
+    from .slot_data import Utterance
+
+    planted = tuple(Utterance(s.words, s.tags, s.label) for s in secrets for _ in range(s.repetitions))
+    new = sorted({t for s in secrets for t in s.tags} - set(data.tags))
+    return dataclasses.replace(data, train=data.train + planted,
+                               tags=tuple(data.tags) + tuple(new))
 
 
 def write_secrets(run_dir: Path, secrets: Sequence[Secret], spec: str) -> None:
