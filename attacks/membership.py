@@ -174,22 +174,21 @@ def run_membership_inference(
     for bad input, before any training.
     """
     from attacks.report import COMMAND, FILES
-    from attacks.shadows import check_n_shadows, check_run_dir, default_root, ensure_shadows, \
-        load_quietly, load_target
-    from attacks.signals import compute_signals
+    from attacks.shadows import TASKS, check_n_shadows, check_run_dir, default_root, \
+        ensure_shadows, load_target, population_signals
     from dptrain.outputs import check_writable
 
     from dptrain.device import resolve
 
     started = time.monotonic()
-    torch_device = resolve(device, "fp32")[0]  # refused here when it is not there
+    resolve(device, "fp32")  # refused here when it is not there
     names = _check_attacks(attacks)
     _check_options(confidence, max_eval, seed)
     need_reference = any(ATTACKS[a].needs_reference for a in names)
     if need_reference:
         check_n_shadows(n_shadows)
     # Everything that can be refused is refused here, before a model is loaded or trained.
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, TASKS)
     outputs = report_dir(run_dir, out_dir)
     earlier = outputs.check(files=FILES)
     if need_reference:
@@ -199,11 +198,7 @@ def run_membership_inference(
     if earlier:
         print(f"replacing what {COMMAND} wrote earlier in {outputs.path}: {', '.join(earlier)}",
               flush=True)
-    model, tokenizer = load_quietly(target.run_dir)
-    target_signals = compute_signals(model, tokenizer, target.population.texts,
-                                     target.population.labels, max_length=target.config.max_length,
-                                     device=torch_device)
-    del model
+    target_signals = population_signals(target.run_dir, target, device)
 
     shadows = None
     if need_reference:
@@ -230,6 +225,10 @@ def run_membership_inference(
         "test_accuracy": _test_accuracy(target.run_dir),
         "learned": model_learned(target.run_dir),
     }
+    if target.task != "intent":  # per utterance: ℓ_i = intent CE + the mean of its tag CEs
+        target_info["task"] = target.task
+        target_info["slot_f1"] = _metric(target.run_dir, "slot_f1")
+        population["unit"] = "one utterance; its signal is the training loss of all its tokens"
     return score_and_report(
         outputs, names=names, target_signals=target_signals, shadows=shadows,
         is_member=target.is_member, delta=delta, theoretical=target.privacy,
@@ -324,7 +323,11 @@ def model_learned(run_dir: Path) -> bool | None:
 
 
 def _test_accuracy(run_dir: Path) -> float | None:
+    return _metric(run_dir, "accuracy")
+
+
+def _metric(run_dir: Path, name: str) -> float | None:
     try:
-        return float(rundir.read_json(run_dir / rundir.METRICS)["accuracy"])
+        return float(rundir.read_json(run_dir / rundir.METRICS)[name])
     except (ConfigError, KeyError, TypeError, ValueError):
         return None

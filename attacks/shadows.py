@@ -49,7 +49,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -89,6 +89,8 @@ class TargetRun:
       population: train ∪ validation ∪ test as one Split, in population-id order.
       member_ids: sorted population ids of the target's training examples.
       population_fingerprint: sha256 over the population's (text, label) pairs, in order.
+      utterances: for a ``--task joint|slots`` run, the population's tagged utterances (the
+        population's texts are their words joined by spaces, its labels their intents).
     """
 
     run_dir: Path
@@ -98,6 +100,11 @@ class TargetRun:
     population: Any
     member_ids: np.ndarray
     population_fingerprint: str
+    utterances: tuple | None = None
+
+    @property
+    def task(self) -> str:
+        return getattr(self.config, "task", "intent")
 
     @property
     def n_population(self) -> int:
@@ -115,8 +122,13 @@ class TargetRun:
         return {name: len(split) for name, split in self.data.splits.items()}
 
 
-def check_run_dir(run_dir: str | Path) -> Path:
-    """Fail closed, cheaply (no data is loaded), unless ``run_dir`` holds a finished run.
+TASKS = ("intent", "joint", "slots")
+"""The run tasks membership inference attacks (sequence classifiers; intent + slot models)."""
+
+
+def check_run_dir(run_dir: str | Path, tasks: Sequence[str] = ("intent",)) -> Path:
+    """Fail closed, cheaply (no data is loaded), unless ``run_dir`` holds a finished run of one
+    of ``tasks``.
 
     An unfinished run is told to resume only when it has a checkpoint to resume from.
     """
@@ -136,13 +148,13 @@ def check_run_dir(run_dir: str | Path) -> Path:
         raise ConfigError(f"{run} holds an unfinished run (no {rundir.PRIVACY}); {how}.")
     saved = rundir.read_json(run / rundir.CONFIG)
     task = saved.get("config", {}).get("task", "intent") if isinstance(saved, dict) else "intent"
-    if task != "intent":
-        raise ConfigError(f"{run} is a --task {task} run: membership inference and extraction "
-                          "on intent+slot models are not available yet.")
+    if task not in tasks:
+        raise ConfigError(f"{run} is a --task {task} run: this attack needs a --task "
+                          f"{' or '.join(tasks)} run.")
     return run
 
 
-def load_target(run_dir: str | Path) -> TargetRun:
+def load_target(run_dir: str | Path, tasks: Sequence[str] = TASKS) -> TargetRun:
     """Read a finished run directory and rebuild its population; fail closed on any mismatch.
 
     Raises ConfigError for a missing, foreign or unfinished run directory, DataError when the data
@@ -151,16 +163,26 @@ def load_target(run_dir: str | Path) -> TargetRun:
     from dptrain.data import Split, load_intent_data
     from dptrain.trainer import TrainConfig, fingerprint
 
-    run = check_run_dir(run_dir)
+    run = check_run_dir(run_dir, tasks)
     saved = rundir.read_json(run / rundir.CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ConfigError(f"{run / rundir.CONFIG} holds no training configuration (key 'config').")
     config = TrainConfig.from_dict(saved["config"])
     recorded = saved["data"] if isinstance(saved.get("data"), dict) else {}
-    data = load_intent_data(
-        config.data, text_column=config.text_column, label_column=config.label_column,
-        seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
-    train_print = fingerprint(data.train.texts, data.train.labels)
+    utterances = None
+    if config.task != "intent":  # tagged utterances: texts are their words, labels their intents
+        from dptrain.slot_data import as_intent_data, load_slot_data
+
+        data = load_slot_data(config.data, seed=config.seed,
+                              synthetic_per_intent=config.synthetic_per_intent)
+        utterances = data.train + data.validation + data.test
+        as_split = as_intent_data(data).splits
+    else:
+        data = load_intent_data(
+            config.data, text_column=config.text_column, label_column=config.label_column,
+            seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+        as_split = data.splits
+    train_print = fingerprint(as_split["train"].texts, as_split["train"].labels)
     if recorded.get("train_fingerprint") != train_print:
         raise DataError(
             f"the data of {run} changed since training: {config.data!r} no longer gives the "
@@ -171,8 +193,8 @@ def load_target(run_dir: str | Path) -> TargetRun:
             f"the label names of {config.data!r} changed since {run} was trained "
             f"(was {recorded.get('label_names')}, now {list(data.label_names)})."
         )
-    population = Split(data.train.texts + data.validation.texts + data.test.texts,
-                       np.concatenate([data.train.labels, data.validation.labels, data.test.labels]))
+    parts = [as_split[name] for name in ("train", "validation", "test")]
+    population = Split(sum((p.texts for p in parts), ()), np.concatenate([p.labels for p in parts]))
 
     members = rundir.read_json(run / rundir.MEMBERS)
     ids = np.asarray(members.get("member_ids", []) if isinstance(members, dict) else [])
@@ -201,6 +223,7 @@ def load_target(run_dir: str | Path) -> TargetRun:
         population=population,
         member_ids=np.sort(ids.astype(np.int64)),
         population_fingerprint=fingerprint(population.texts, population.labels),
+        utterances=utterances,
     )
 
 
@@ -261,9 +284,12 @@ def shadow_seed(seed: int, index: int) -> int:
 def cache_inputs(target: TargetRun, seed: int = 0) -> dict[str, Any]:
     """What the cache key is computed from (also written to cache.json)."""
     config = target.config.to_dict()
+    recipe = {name: config[name] for name in RECIPE_FIELDS}
+    if target.task != "intent":  # (intent caches keep the keys they had before slot models)
+        recipe["task"] = target.task
     return {
         "version": CACHE_VERSION,
-        "recipe": {name: config[name] for name in RECIPE_FIELDS},
+        "recipe": recipe,
         "population_fingerprint": target.population_fingerprint,
         "n_population": target.n_population,
         "label_names": list(target.data.label_names),
@@ -422,11 +448,14 @@ def _train_missing(target: TargetRun, cache: Path, key: str, in_mask: np.ndarray
     if state == "finished":
         return state
     pop = target.population
-    split = Split(tuple(pop.texts[i] for i in ids), pop.labels[ids])
-    data = IntentData(
-        train=split, validation=target.data.validation, test=target.data.test,
-        label_names=target.data.label_names,
-        source=f"{target.data.source} (shadow {index}: half of the population)")
+    source = f"{target.data.source} (shadow {index}: half of the population)"
+    if target.utterances is not None:  # the target's intents and tags: every model scores all
+        data = dataclasses.replace(target.data, train=tuple(target.utterances[i] for i in ids),
+                                   source=source)
+    else:
+        split = Split(tuple(pop.texts[i] for i in ids), pop.labels[ids])
+        data = IntentData(train=split, validation=target.data.validation, test=target.data.test,
+                          label_names=target.data.label_names, source=source)
     # reference models see the population only: never the target's secret canaries
     config = dataclasses.replace(target.config, seed=shadow_seed(seed, index),
                                  dp_seed=None, secrets=None, device=device)
@@ -495,8 +524,6 @@ def _shadow_state(out: Path, ids: np.ndarray) -> str:
 
 def _shadow_signals(out: Path, target: TargetRun, device: str = "auto") -> Signals:
     """The shadow's signals on the population, from signals.npz or computed once and saved."""
-    from attacks.signals import compute_signals
-
     path = out / SIGNALS_FILE
     if path.exists():
         signals = Signals.load(path)
@@ -504,13 +531,27 @@ def _shadow_signals(out: Path, target: TargetRun, device: str = "auto") -> Signa
             return signals
         log.warning("%s holds signals of %d examples, not %d: recomputing", path, len(signals),
                     target.n_population)
-    from dptrain.device import resolve
-
-    model, tokenizer = load_quietly(out)
-    signals = compute_signals(model, tokenizer, target.population.texts, target.population.labels,
-                              max_length=target.config.max_length, device=resolve(device, "fp32")[0])
+    signals = population_signals(out, target, device)
     signals.save(path)
     return signals
+
+
+def population_signals(run_dir: str | Path, target: TargetRun, device: str = "auto") -> Signals:
+    """The signals of the model of ``run_dir`` (the target or a shadow) on ``target``'s whole
+    population: per example for a classifier, per utterance for a joint/slot model."""
+    from attacks.signals import compute_signals, joint_signals
+    from dptrain.device import resolve
+
+    torch_device = resolve(device, "fp32")[0]
+    if target.utterances is not None:
+        from dptrain.slot_trainer import load_joint
+
+        model, tokenizer, meta = load_joint(Path(run_dir) / rundir.MODEL)
+        return joint_signals(model, tokenizer, target.utterances, meta["intents"], meta["tags"],
+                             max_length=target.config.max_length, device=torch_device)
+    model, tokenizer = load_quietly(run_dir)
+    return compute_signals(model, tokenizer, target.population.texts, target.population.labels,
+                           max_length=target.config.max_length, device=torch_device)
 
 
 def load_quietly(run_dir: str | Path):

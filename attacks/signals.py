@@ -119,3 +119,54 @@ def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int
             logits[idx] = model(**to_device(batch, device)).logits.double().cpu().numpy()
     model.train(was_training)
     return signals_from_logits(logits, labels)
+
+
+def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags: Sequence[str], *,
+                  max_length: int = 64, batch_size: int = 256, device=None) -> Signals:
+    """Per-utterance signals of a joint intent + slot model (or slots-only model) on tagged
+    utterances: ``loss`` is the utterance's training loss ℓ_i (intent cross-entropy + the mean
+    of its words' tag cross-entropies, :func:`dptrain.joint_model.per_utterance_loss`), the
+    membership signal of the whole utterance; ``label_prob`` = exp(−ℓ_i), the model's
+    (geometric-mean) likelihood of the utterance's frame, RMIA's Pr(x | θ); ``phi`` its logit
+    log p − log(1 − p), LiRA's statistic; ``probs`` the intent softmax (slots only: [p, 1 − p]).
+
+    A frozen encoder runs once per utterance and is shared with training and other models of
+    the same encoder (:mod:`dptrain.features`)."""
+    import torch
+
+    from dptrain.features import cacheable
+    from dptrain.joint_model import per_utterance_loss
+    from dptrain.slot_trainer import SlotBatches, encode_slots
+
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    enc = encode_slots(tokenizer, utterances, intents, tags, max_length)
+    was_training = model.training
+    model.eval()
+    batches = SlotBatches(model, {"population": enc}, tokenizer.pad_token_id, device,
+                          cache_features=cacheable(model))
+    n = len(enc)
+    loss = np.empty(n, dtype=np.float64)
+    intent_probs = None
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            b = batches.batch("population", idx)
+            out = batches.net(**{k: v for k, v in b.items()})
+            ell = per_utterance_loss(out.intent_logits, out.tag_logits,
+                                     b.get("labels"), b["tag_labels"])
+            loss[start:start + len(idx)] = ell.double().cpu().numpy()
+            if out.intent_logits is not None:
+                if intent_probs is None:
+                    intent_probs = np.empty((n, out.intent_logits.shape[-1]), dtype=np.float32)
+                intent_probs[start:start + len(idx)] = torch.softmax(
+                    out.intent_logits.double(), -1).float().cpu().numpy()
+    model.train(was_training)
+    ell = np.maximum(loss, 1e-12)  # ℓ = 0 would make φ infinite
+    label_prob = np.exp(-ell)
+    phi = -ell - np.log(-np.expm1(-ell))
+    probs = (intent_probs if intent_probs is not None
+             else np.stack([label_prob, 1.0 - label_prob], axis=1).astype(np.float32))
+    return Signals(loss=loss, phi=phi, label_prob=label_prob, probs=probs)
+

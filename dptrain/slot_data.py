@@ -68,6 +68,11 @@ class SlotData:
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
     @property
+    def label_names(self) -> tuple[str, ...]:
+        """The intents (the class names of the intent head)."""
+        return self.intents
+
+    @property
     def slot_types(self) -> tuple[str, ...]:
         return tuple(sorted({t[2:] for t in self.tags if t != "O"}))
 
@@ -406,3 +411,17 @@ def write_jsonl(path: Path, utterances: Iterable[Utterance], split: str | None =
             if split is not None:
                 row["split"] = split
             f.write(json.dumps(row) + "\n")
+
+
+def as_intent_data(data: SlotData):
+    """The same utterances as texts (words joined by spaces) labelled by their intents: the view
+    that fingerprints, audit canaries and attack populations read (tags left out)."""
+    import numpy as np
+
+    from .data import IntentData, Split
+
+    ids = {name: i for i, name in enumerate(data.intents)}
+    splits = {name: Split(tuple(" ".join(u.tokens) for u in part),
+                          np.asarray([ids[u.intent] for u in part], dtype=np.int64))
+              for name, part in data.splits.items()}
+    return IntentData(**splits, label_names=tuple(data.intents), source=data.source)

@@ -197,7 +197,11 @@ def load_joint(path: str | Path):
 
     path = Path(path)
     meta = json.loads((path / JOINT_FORMAT).read_text())
-    encoder = AutoModel.from_pretrained(path / "encoder", local_files_only=True, use_safetensors=True)
+    from .models import _QuietHF
+
+    with _QuietHF():  # the saved encoder has no pooler (unused), which HF would report as missing
+        encoder = AutoModel.from_pretrained(path / "encoder", local_files_only=True,
+                                            use_safetensors=True)
     model = JointIntentSlotModel(encoder, max(len(meta["intents"]), 1), len(meta["tags"]),
                                  task=meta["task"], pooling=meta["pooling"], dropout=meta["dropout"])
     state = load_file(path / "heads.safetensors")
@@ -210,8 +214,13 @@ def load_joint(path: str | Path):
 
 
 def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                    on_step=None):
-    """Train a joint (or slots-only) model and write its run directory; see the module docstring."""
+                    on_step=None, data=None, member_ids=None, extra_info=None):
+    """Train a joint (or slots-only) model and write its run directory; see the module docstring.
+
+    ``data``: a :class:`~dptrain.slot_data.SlotData` to train on instead of loading
+    ``config.data`` (shadow models pass half of the population); ``member_ids``: the training
+    utterances' ids in that population, for members.json (default 0..N-1); ``extra_info``: more
+    for config.json."""
     from .device import resolve
     from .loop import Run, TrainingLoop
     from .models import set_trainable
@@ -222,15 +231,14 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
 
     started = time.monotonic()
     out = Path(out_dir)
-    if config.secrets is not None:
-        raise ConfigError("--secrets plants sequence-classification secrets; slot-value secrets "
-                          "for --task joint/slots are not available yet.")
     if prepare_out_dir(out, resume):
         finish_bookkeeping(out)
         return RunSummary.load(out)
-    config, state = _config_and_checkpoint(config, out, resume, None)
+    config, state = _config_and_checkpoint(config, out, resume, data)
     torch.manual_seed(config.seed)
-    data = load_slot_data(config.data, seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    if data is None:
+        data = load_slot_data(config.data, seed=config.seed,
+                              synthetic_per_intent=config.synthetic_per_intent)
     texts = [" ".join(u.tokens) for u in data.train]
     train_print = fingerprint(texts, [data.intents.index(u.intent) for u in data.train])
     if state is not None and state["fingerprint"] != train_print:
@@ -240,6 +248,20 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     encoder, tokenizer, pooling = load_encoder(config.model)
     if config.pooling != "auto":
         pooling = config.pooling
+    n_natural = len(data.train)
+    planted = None
+    if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that
+        from .secret_canaries import insert_slot_secrets, parse_spec, plant_secrets, read_secrets
+
+        if state is not None:
+            planted = read_secrets(out)
+        else:
+            from .secret_canaries import DEFAULT_SLOT
+
+            planted = [dataclasses.replace(s, slot=s.slot or DEFAULT_SLOT) for s in plant_secrets(
+                parse_spec(config.secrets), data.intents, tokenizer, config.max_length,
+                config.dp_seed)]
+        data = insert_slot_secrets(data, planted)
     n = len(data.train)
     trainable = config.trainable
     if trainable == "auto":  # as for intents: the heads of a pretrained encoder, all of tiny
@@ -283,11 +305,18 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
             "model": {"class": type(model).__name__, "task": config.task,
                       "trainable_parameters": n_trainable,
                       "total_parameters": sum(p.numel() for p in model.parameters())},
+            **({"extra": extra_info} if extra_info else {}),
         })
         rundir.write_json(out / rundir.MEMBERS, {
             "description": "identifiers of the utterances in the training set (members)",
-            "data": data.source, "num_members": n, "member_ids": list(range(n)),
+            "data": data.source, "num_members": n_natural,
+            "member_ids": (list(range(n_natural)) if member_ids is None
+                           else [int(i) for i in member_ids]),
             "train_fingerprint": train_print})
+        if planted is not None:
+            from .secret_canaries import write_secrets
+
+            write_secrets(out, planted, config.secrets)
 
     def evaluate(net, b, split):
         return evaluate_slots(net, b, split, data.tags, data.intents, data.splits[split])

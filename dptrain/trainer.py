@@ -474,10 +474,11 @@ def train_run(
     if config.task != "intent" or (resume and _saved_task(out) != "intent"):
         from .slot_trainer import train_slots_run
 
-        if data is not None or gradient_canaries is not None or dist is not None:
-            raise ConfigError("--task joint/slots trains in one process, on its own data, "
-                              "without audits (not yet).")
-        return train_slots_run(config, out, resume=resume, progress=progress, on_step=on_step)
+        if gradient_canaries is not None or dist is not None:
+            raise ConfigError("--task joint/slots trains in one process, without white-box "
+                              "audits (not yet).")
+        return train_slots_run(config, out, resume=resume, progress=progress, on_step=on_step,
+                               data=data, member_ids=member_ids, extra_info=extra_info)
     config, state = _config_and_checkpoint(config, out, resume, data)
     run, written = _build(config, out, data, state, dist, gradient_canaries, progress)
 
