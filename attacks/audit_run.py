@@ -184,7 +184,6 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
     ``canaries.json``) before training starts, so that :func:`resume_audit` can continue the
     very same audit after a crash.
     """
-    from dptrain.data import load_intent_data
     from dptrain.trainer import fingerprint
 
     from attacks.canaries import insert_canaries
@@ -192,9 +191,7 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
     options = options or AuditRunOptions()
     outputs = OutputDir(out_dir, COMMAND)
     check_new_audit_dir(outputs)
-    data = load_intent_data(
-        config.data, text_column=config.text_column, label_column=config.label_column,
-        seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    data, slots = _natural_data(config)
     n_natural = len(data.train)
     m = options.canaries if options.canaries is not None else min(DEFAULT_CANARIES, n_natural)
     if m > n_natural:
@@ -205,6 +202,7 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
     if m < 2:
         raise ConfigError(f"canaries must be an integer >= 2, got {m} (the training split is tiny).")
     augmented, canaries = insert_canaries(data, m, options.canary_seed, text_seed=options.text_seed)
+    augmented = _trained_data(augmented, slots, canaries)
 
     outputs.write_json(PLAN, {
         "description": "what this audit is, written before training so that dptrain audit "
@@ -241,7 +239,6 @@ def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
     audit then stopped while scoring). Only what ``dptrain audit`` wrote there is trusted: a
     changed ``audit.json`` or ``canaries.json`` is refused, as is a finished audit.
     """
-    from dptrain.data import load_intent_data
     from dptrain.errors import DataError
     from dptrain.trainer import TrainConfig, fingerprint
 
@@ -263,16 +260,14 @@ def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
     plan = rundir.read_json(out / PLAN)
     config = TrainConfig.from_dict(plan["config"])
     options = AuditRunOptions(**plan["options"])
-    data = load_intent_data(
-        config.data, text_column=config.text_column, label_column=config.label_column,
-        seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
+    data, slots = _natural_data(config)
     if fingerprint(data.train.texts, data.train.labels) != plan["natural_train_fingerprint"]:
         raise DataError(
             f"the data of the audit in {out} changed since it started: {config.data!r} no "
             "longer gives the same training set; resume needs the very same data."
         )
     canaries = _stored_canaries(rundir.read_json(out / CANARIES))
-    augmented = _with_canaries(data, canaries)
+    augmented = _trained_data(_with_canaries(data, canaries), slots, canaries)
 
     run_dir = out / RUN
     stopped = any((path / "state.json").exists() for path in
@@ -290,6 +285,34 @@ def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
 _DOING = {"reuse": "reusing the finished", "resume": "resuming (from its checkpoint)",
           "restart": "restarting (it stopped before its first checkpoint)",
           "train": "training"}
+
+
+def _natural_data(config):
+    """(the data as texts and labels, which the canaries are made against and fingerprinted
+    by; the tagged utterances of a ``--task joint|slots`` recipe, or None)."""
+    if config.task == "intent":
+        from dptrain.data import load_intent_data
+
+        return load_intent_data(
+            config.data, text_column=config.text_column, label_column=config.label_column,
+            seed=config.seed, synthetic_per_intent=config.synthetic_per_intent), None
+    from dptrain.slot_data import as_intent_data, load_slot_data
+
+    slots = load_slot_data(config.data, seed=config.seed,
+                           synthetic_per_intent=config.synthetic_per_intent)
+    return as_intent_data(slots), slots
+
+
+def _trained_data(augmented, slots, canaries):
+    """What the audited run trains on: ``augmented`` itself, or for slot models the tagged
+    utterances followed by the included canaries as tagged utterances, in canary order."""
+    if slots is None:
+        return augmented
+    from attacks.canaries import canary_utterances
+
+    tagged = canary_utterances(canaries, slots.intents, slots.slot_types)
+    included = tuple(tagged[i] for i in np.flatnonzero(canaries.included))
+    return dataclasses.replace(slots, train=slots.train + included, source=augmented.source)
 
 
 def _stored_canaries(stored: dict[str, Any]):
@@ -336,7 +359,7 @@ def _train_and_report(outputs: OutputDir, config, options: AuditRunOptions, cana
             extra_info={"audit": {"canaries": canaries.m, "included": canaries.num_included,
                                   "coins": canaries.seed_policy}},
         )
-    phi, loss = _score(run_dir, canaries, config.max_length)
+    phi, loss = _score(run_dir, canaries, config.max_length, config.task)
     report = build_report(summary.privacy, canaries, phi, options,
                           model=config.model, data=config.data,
                           learned=summary.metrics.get("chance_level", {}).get("learned"))
@@ -348,11 +371,26 @@ def _train_and_report(outputs: OutputDir, config, options: AuditRunOptions, cana
     return AuditOutcome(outputs.path, report)
 
 
-def _score(run_dir: Path, canaries, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """φ and loss of every canary (included or not) under its assigned label."""
+def _score(run_dir: Path, canaries, max_length: int, task: str = "intent"
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """φ and loss of every canary (included or not) under its assigned label (slot models: under
+    its intent and tags, per utterance, :func:`attacks.signals.joint_signals`)."""
     from transformers.utils import logging as hf_logging
 
-    from attacks.signals import compute_signals, load_classifier
+    from attacks.signals import compute_signals, joint_signals, load_classifier
+
+    if task != "intent":
+        from attacks.canaries import canary_utterances
+        from dptrain.slot_trainer import load_joint
+
+        model, tokenizer, meta = load_joint(run_dir / rundir.MODEL)
+        # the model's tags are the natural data's (canaries add none): the same slot types
+        # the canaries' tags were drawn from
+        types = tuple(sorted({t[2:] for t in meta["tags"] if t != "O"}))
+        utterances = canary_utterances(canaries, meta["intents"], types)
+        signals = joint_signals(model, tokenizer, utterances, meta["intents"], meta["tags"],
+                                max_length=max_length)
+        return signals.phi, signals.loss
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -194,3 +194,26 @@ def insert_canaries(
         seed=None if seed is None else int(seed), text_seed=int(text_seed),
     )
     return augmented, canaries
+
+
+_TAGS_TAG = 0x74616773  # "tags": the canary tags' own stream, apart from the coins and texts
+
+
+def canary_utterances(canaries: CanarySet, intents, slot_types) -> tuple:
+    """The m canaries as tagged utterances for joint/slot models: the canary's words, its intent
+    (``intents[label]``) and on every word ``B-`` of a uniformly random slot type of the data,
+    so that a model predicts a canary's tags, like its intent, better than chance only by
+    memorizing that canary. Public and deterministic (``text_seed``), like the texts."""
+    from dptrain.slot_data import Utterance
+
+    if not slot_types:
+        raise ConfigError("audit canaries for a slot model need the data to have slot types.")
+    rng = np.random.default_rng(np.random.SeedSequence(int(canaries.text_seed),
+                                                       spawn_key=(_TAGS_TAG,)))
+    out = []
+    for text, label in zip(canaries.texts, canaries.labels):
+        words = tuple(text.split())
+        picks = rng.integers(0, len(slot_types), len(words))
+        out.append(Utterance(words, tuple(f"B-{slot_types[int(k)]}" for k in picks),
+                             str(intents[int(label)])))
+    return tuple(out)

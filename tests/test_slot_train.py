@@ -74,13 +74,18 @@ def test_slots_only_task_and_bad_input(tmp_path, capsys):
     assert main(["train", "--task", "tagging", "--out", str(tmp_path / "bad")]) == 2
 
 
-def test_attacks_refuse_slot_runs_in_one_line(tmp_path, capsys):
+def test_attacks_on_slot_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
     assert main(["train", "--task", "slots", "--model", "tiny", "--data", "synthetic",
                  "--synthetic-per-intent", "8", "--epsilon", "inf", "--epochs", "1",
                  "--out", str(tmp_path / "s"), "--quiet"]) == 0
     capsys.readouterr()
-    for argv in (["attack", "mia", "--run", str(tmp_path / "s"), "--attacks", "loss"],
-                 ["attack", "extract", "--run", str(tmp_path / "s")]):
+    for argv, message in (
+            (["attack", "extract", "--run", str(tmp_path / "s")], "trained without secrets"),
+            (["audit", "--white-box", "--task", "slots", "--model", "tiny", "--data", "synthetic",
+              "--synthetic-per-intent", "8", "--out", str(tmp_path / "wb")], "white-box"),
+            (["attack", "mia", "--run", str(tmp_path / "s"), "--attacks", "lira_online",
+              "--shadows", "3"], "even")):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "not available yet" in err and err.count("\n") == 1
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "wb").exists()
