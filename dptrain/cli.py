@@ -26,6 +26,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _claim_flags(parser) -> None:
+    """--claimed-epsilon and --delta: what the trainer of a model trained elsewhere claims."""
+    parser.add_argument("--claimed-epsilon", type=_number, default=None,
+                        help="with --model: the ε its trainer claims, to test against")
+    parser.add_argument("--delta", type=_number, default=None, help="with --model: the δ of that claim")
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -204,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     foreign.add_argument("--reference-recipe", type=Path, default=None,
                          help="JSON/YAML of train options (or a run's config.json) for reference "
                               "models: enables LiRA and RMIA")
-    foreign.add_argument("--claimed-epsilon", type=_number, default=None,
-                         help="the ε the model's trainer claims, to test against")
-    foreign.add_argument("--delta", type=_number, default=None, help="the δ of that claim")
+    _claim_flags(foreign)
     foreign.add_argument("--max-length", type=_integer, default=64,
                          help="truncate texts to this many tokens (default: 64)")
     mia.add_argument("--out", type=Path, default=None,
@@ -243,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--canaries", type=Path, default=None,
                          help="with --model: JSON of the secrets in its training data, laid out "
                               "like a run's private/secrets.json")
-    extract.add_argument("--claimed-epsilon", type=_number, default=None,
-                         help="with --model: the ε its trainer claims")
-    extract.add_argument("--delta", type=_number, default=None, help="with --model: its δ")
+    _claim_flags(extract)
     extract.add_argument("--out", type=Path, default=None,
                          help="directory for the report (default: RUN/extraction)")
     extract.add_argument("--reference", type=Path, default=None,

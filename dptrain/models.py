@@ -254,7 +254,7 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
         raise ModelError(f"model '{name}' not found: no such directory.")
     if pooling == "auto":
         pooling = (_sentence_transformer_pooling(Path(path)) if local else None) or "cls"
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if local:
         refuse_pickled_weights(Path(path))
@@ -361,8 +361,6 @@ def weights_sha256(module: nn.Module) -> str:
 
 def _referenced_encoder(reference: dict) -> nn.Module:
     """The frozen pretrained encoder a head-only run refers to, checked against its hash."""
-    from transformers import AutoModel
-
     source = str(reference.get("source"))
     path = minilm_path() if source == MINILM else source
     if not Path(path).exists():
