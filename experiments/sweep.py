@@ -175,6 +175,12 @@ def load_config(source: str | Path | dict) -> SweepConfig:
             problems += _extraction_problems(options, recipe, variants)
     if not problems:
         for variant in variants:  # each recipe is checked by TrainConfig itself
+            task = {**recipe, **variants[variant]}.get("task", "intent")
+            if task != "intent":  # results.csv, per-class plots and flips read intent metrics
+                problems.append(f"variants.{variant}: task {task!r}: sweeps train intent "
+                                "classifiers only (train, attack and audit joint/slot models "
+                                "one run at a time)")
+                continue
             try:
                 TrainConfig(**{"data": str(raw["data"]), "model": str(raw.get("model", "minilm")),
                                **recipe, **variants[variant], "epsilon": 1.0})

@@ -134,6 +134,8 @@ def test_every_config_problem_in_one_line(tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(Exception, match="lr must"):
         load_config({**TINY, "recipe": {"lr": -1.0}})
+    with pytest.raises(Exception, match="sweeps train intent classifiers only"):
+        load_config({**TINY, "recipe": {"task": "joint"}})
 
 
 ATTACKS = {"mia": {"shadows": 2}, "audit": {"canaries": 20}, "white_box": {"canaries": 2000},
