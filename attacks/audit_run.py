@@ -388,7 +388,7 @@ def _score(run_dir: Path, canaries, max_length: int, task: str = "intent"
         # the canaries' tags were drawn from
         types = tuple(sorted({t[2:] for t in meta["tags"] if t != "O"}))
         utterances = canary_utterances(canaries, meta["intents"], types)
-        signals = joint_signals(model, tokenizer, utterances, meta["intents"], meta["tags"],
+        signals = joint_signals(model, tokenizer, utterances, meta["intents"], meta["tagset"],
                                 max_length=max_length)
         return signals.phi, signals.loss
 

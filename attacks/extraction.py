@@ -281,7 +281,7 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         from dptrain.slot_trainer import load_joint
 
         model, tokenizer, meta = load_joint(run / rundir.MODEL)
-        labels, tags = list(meta["intents"]), list(meta["tags"])
+        labels, tags = list(meta["intents"]), meta["tagset"]
         max_length = int(rundir.read_json(run / rundir.CONFIG)["config"].get("max_length", 512))
     else:
         model, tokenizer = load_trained(run / rundir.MODEL)
@@ -303,7 +303,7 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         if missing:
             raise ConfigError(f"secret tag {missing[0]!r} is not a tag of {run}.")
         return SlotSecretScorer(net, tok, secret.prefix, secret.candidates, len(secret.tokens),
-                                label_id, [tags.index(t) for t in value_tags], max_length)
+                                label_id, [tags.id(t) for t in value_tags], max_length)
     for secret in secrets:
         if secret.label not in labels:
             raise ConfigError(f"secret label {secret.label!r} is not a label of {run}.")

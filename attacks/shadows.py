@@ -287,6 +287,7 @@ def cache_inputs(target: TargetRun, seed: int = 0) -> dict[str, Any]:
     recipe = {name: config[name] for name in RECIPE_FIELDS}
     if target.task != "intent":  # (intent caches keep the keys they had before slot models)
         recipe["task"] = target.task
+        recipe["tag_scheme"] = config.get("tag_scheme", "bio")
     return {
         "version": CACHE_VERSION,
         "recipe": recipe,
@@ -547,7 +548,7 @@ def population_signals(run_dir: str | Path, target: TargetRun, device: str = "au
         from dptrain.slot_trainer import load_joint
 
         model, tokenizer, meta = load_joint(Path(run_dir) / rundir.MODEL)
-        return joint_signals(model, tokenizer, target.utterances, meta["intents"], meta["tags"],
+        return joint_signals(model, tokenizer, target.utterances, meta["intents"], meta["tagset"],
                              max_length=target.config.max_length, device=torch_device)
     model, tokenizer = load_quietly(run_dir)
     return compute_signals(model, tokenizer, target.population.texts, target.population.labels,

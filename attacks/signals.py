@@ -121,7 +121,7 @@ def compute_signals(model, tokenizer, texts: Sequence[str], labels: Sequence[int
     return signals_from_logits(logits, labels)
 
 
-def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags: Sequence[str], *,
+def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags, *,
                   max_length: int = 64, batch_size: int = 256, device=None) -> Signals:
     """Per-utterance signals of a joint intent + slot model (or slots-only model) on tagged
     utterances: ``loss`` is the utterance's training loss ℓ_i (intent cross-entropy + the mean
@@ -129,6 +129,7 @@ def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags: Se
     membership signal of the whole utterance; ``label_prob`` = exp(−ℓ_i), the model's
     (geometric-mean) likelihood of the utterance's frame, RMIA's Pr(x | θ); ``phi`` its logit
     log p − log(1 − p), LiRA's statistic; ``probs`` the intent softmax (slots only: [p, 1 − p]).
+    ``tags``: the model's :class:`~dptrain.joint_model.TagSet` (a list of tags: BIO classes).
 
     A frozen encoder runs once per utterance and is shared with training and other models of
     the same encoder (:mod:`dptrain.features`)."""

@@ -30,7 +30,53 @@ from torch import nn
 from .errors import ConfigError
 
 TASKS = ("joint", "slots")
+TAG_SCHEMES = ("io", "bio")
 IGNORE = -100
+
+
+class TagSet:
+    """What the tag head predicts for BIO-tagged data.
+
+    ``bio``: the tags themselves (``O``, ``B-time``, ``I-time``, …). ``io`` (the default): ``O``
+    and one class per slot type, B- and I- sharing it; the BIO tags of a prediction are rebuilt
+    by reading a run of words of one type as one value (so two values of one type that touch
+    merge: 2 of SNIPS' 14,484 utterances have such a pair). Under DP each type's class then
+    gets the signal of all its words: on the synthetic slots at ε = 8, slot F1 0.896 against
+    BIO's 0.881 (3 noise seeds), 53 classes down to 27.
+    """
+
+    def __init__(self, tags: Sequence[str], scheme: str = "io"):
+        if scheme not in TAG_SCHEMES:
+            raise ConfigError(f"tag_scheme must be one of {', '.join(TAG_SCHEMES)}, got {scheme!r}.")
+        self.tags, self.scheme = tuple(tags), scheme
+        if scheme == "bio":
+            self.classes = self.tags
+        else:  # types in the order the tags name them first
+            self.classes = ("O",) + tuple(dict.fromkeys(t[2:] for t in self.tags if t != "O"))
+        self._id = {c: i for i, c in enumerate(self.classes)}
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self.tags
+
+    def id(self, tag: str) -> int:
+        """The class id of a BIO tag."""
+        return self._id[tag if self.scheme == "bio" or tag == "O" else tag[2:]]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """BIO tags of one utterance's predicted class ids."""
+        if self.scheme == "bio":
+            return [self.classes[i] for i in ids]
+        out, previous = [], "O"
+        for i in ids:
+            c = self.classes[i]
+            out.append("O" if c == "O" else ("I-" if c == previous else "B-") + c)
+            previous = c
+        return out
+
+
+def tag_set(tags) -> "TagSet":
+    """``tags`` as a :class:`TagSet` (a plain list of tags is read as ``bio``)."""
+    return tags if isinstance(tags, TagSet) else TagSet(tags, "bio")
 
 
 @dataclass

@@ -74,6 +74,9 @@ class TrainConfig:
     task: str = field(default="intent", metadata={
         "help": "intent (sequence classification) | joint (intent + slot tags, one encoder) | "
                 "slots (slot tags only); joint/slots read BIO-tagged data, see README 'Slots'"})
+    tag_scheme: str = field(default="io", metadata={
+        "help": "joint/slots: what the tag head predicts: io (one class per slot type; B-/I- "
+                "rebuilt from adjacent words, the measured best under DP) | bio (the tags)"})
     trainable: str = field(default="auto", metadata={
         "help": "which parameters train: auto (head for a pretrained encoder, all for tiny) | "
                 "all | head | last-K | bias | lora"})
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"pooling must be one of auto, cls, mean, got {self.pooling!r}.")
         if self.task not in ("intent", "joint", "slots"):
             raise ConfigError(f"task must be one of intent, joint, slots, got {self.task!r}.")
+        if self.tag_scheme not in ("io", "bio"):
+            raise ConfigError(f"tag_scheme must be io or bio, got {self.tag_scheme!r}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)

@@ -141,3 +141,47 @@ def test_entity_metrics_on_hand_counted_examples():
     assert r["frame_accuracy"] == 0.0  # utterance 3 has its slots (none) right but not its intent
     assert slot_report(gold, gold)["f1"] == 1.0 and slot_report(gold, gold)["frame_accuracy"] == 1.0
     assert spans(["I-time", "I-time", "B-time"]) == [("time", 0, 2), ("time", 2, 3)]
+
+
+def test_io_tag_set_merges_b_and_i_and_rebuilds_bio_spans():
+    from dptrain.joint_model import TagSet
+
+    tags = ("O", "B-city", "B-time", "I-city", "I-time", "B-pin", "I-pin")
+    io, bio = TagSet(tags), TagSet(tags, "bio")
+    assert io.classes == ("O", "city", "time", "pin") and bio.classes == tags
+    assert io.id("B-city") == io.id("I-city") == 1 and io.id("O") == 0
+    gold = ["O", "B-city", "I-city", "O", "B-time", "B-pin", "I-pin", "I-pin"]
+    assert io.decode([io.id(t) for t in gold]) == gold  # valid BIO without touching same-type values
+    assert bio.decode([bio.id(t) for t in gold]) == gold
+    # two values of one type that touch merge into one: the scheme's one loss
+    assert io.decode([io.id(t) for t in ["B-city", "B-city"]]) == ["B-city", "I-city"]
+    with pytest.raises(Exception, match="tag_scheme must be"):
+        TagSet(tags, "bilou")
+
+
+def test_a_joint_run_saves_its_tag_scheme_and_reloads_with_the_same_predictions(tmp_path):
+    import json
+
+    import torch
+
+    from dptrain import TrainConfig, train_run
+    from dptrain.slot_trainer import SlotBatches, encode_slots, evaluate_slots, load_joint
+    from dptrain.slot_data import load_slot_data
+
+    for scheme in ("io", "bio"):
+        run = tmp_path / scheme
+        summary = train_run(TrainConfig(model="tiny", data="synthetic", task="joint",
+                                        synthetic_per_intent=6, epochs=1, epsilon=float("inf"),
+                                        tag_scheme=scheme), run, progress=False)
+        meta = json.loads((run / "model" / "dptrain_joint.json").read_text())
+        assert meta["tag_scheme"] == scheme and meta["tags"][0] == "O"
+        n_types = len({t[2:] for t in meta["tags"] if t != "O"})
+        assert len(meta["tag_head_classes"]) == (n_types + 1 if scheme == "io" else len(meta["tags"]))
+        model, tokenizer, loaded = load_joint(run / "model")
+        assert model.tag_head.out_features == len(meta["tag_head_classes"])
+        data = load_slot_data("synthetic", synthetic_per_intent=6, seed=0)
+        enc = {"test": encode_slots(tokenizer, data.test, data.intents, loaded["tagset"], 64)}
+        again = evaluate_slots(model, SlotBatches(model, enc, tokenizer.pad_token_id,
+                                                  torch.device("cpu")),
+                               "test", loaded["tagset"], data.intents, data.test)
+        assert again["f1"] == pytest.approx(summary.metrics["slot_f1"], abs=1e-12)
