@@ -130,18 +130,20 @@ class SecretScorer:
     def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
         """s(prefix, w @ E_C) for mixing weights ``weights`` [R, n, |C|]: the secret positions
         hold convex combinations of the candidates' input embeddings (differentiable)."""
+        logits = self.model(**self._mixed_inputs(weights)).logits
+        return self._confidence(logits)
+
+    def _mixed_inputs(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``inputs_embeds`` of the template with the secret positions holding ``weights`` @
+        E_C, and its attention mask."""
         table = self._embedding.weight
         base = table[self.template].unsqueeze(0).expand(len(weights), -1, -1).clone()
         base[:, self.positions] = weights.to(table.dtype) @ table[self.candidate_ids]
-        mask = torch.ones(base.shape[:2], dtype=torch.long)
-        logits = self.model(inputs_embeds=base, attention_mask=mask).logits
-        return self._confidence(logits)
+        return {"inputs_embeds": base, "attention_mask": torch.ones(base.shape[:2], dtype=torch.long)}
 
     def _confidence(self, logits: torch.Tensor) -> torch.Tensor:
         """φ = log p_y − log(1 − p_y) = z_y − logsumexp_{j≠y} z_j, in float64."""
-        z = logits.double()
-        others = torch.cat([z[:, :self.label_id], z[:, self.label_id + 1:]], dim=1)
-        return z[:, self.label_id] - torch.logsumexp(others, dim=1)
+        return _logit_confidence(logits, torch.full((len(logits),), self.label_id, dtype=torch.long))
 
 
 def flat_index(indices: np.ndarray, n_candidates: int) -> np.ndarray:
@@ -266,6 +268,7 @@ class SlotSecretScorer:
 
     space_size = SecretScorer.space_size
     ids = SecretScorer.ids
+    _mixed_inputs = SecretScorer._mixed_inputs
 
     def _frame(self, out) -> torch.Tensor:
         tags = out.tag_logits[:, self.positions]  # [M, n, K]
@@ -287,8 +290,4 @@ class SlotSecretScorer:
 
     def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
         """s on mixtures of the candidates' input embeddings at the value's positions."""
-        table = self._embedding.weight
-        base = table[self.template].unsqueeze(0).expand(len(weights), -1, -1).clone()
-        base[:, self.positions] = weights.to(table.dtype) @ table[self.candidate_ids]
-        mask = torch.ones(base.shape[:2], dtype=torch.long)
-        return self._frame(self.model(inputs_embeds=base, attention_mask=mask))
+        return self._frame(self.model(**self._mixed_inputs(weights)))

@@ -82,18 +82,23 @@ def cacheable(model: nn.Module) -> bool:
     return not any(p.requires_grad for p in model.encoder.parameters())
 
 
+def _check_frozen(model: nn.Module, kind: type, what: str) -> None:
+    """Refuse a model the cache would get wrong: not a ``kind``, or an encoder that trains."""
+    if not isinstance(model, kind):
+        raise ModelError(f"cached {what} need a {kind.__name__}, got {type(model).__name__}.")
+    trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ModelError(
+            f"cannot cache the encoder's {what}: {len(trainable)} encoder parameter(s) train "
+            f"(e.g. encoder.{trainable[0]}), and the cache would skip their gradients."
+        )
+
+
 def joint_feature_head(model: nn.Module) -> JointFeatureHead:
     """The heads to train on cached token states; refuses a model the cache would get wrong."""
     from .joint_model import JointIntentSlotModel
 
-    if not isinstance(model, JointIntentSlotModel):
-        raise ModelError(f"cached token states need a joint model, got {type(model).__name__}.")
-    trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
-    if trainable:
-        raise ModelError(
-            f"cannot cache the encoder's states: {len(trainable)} encoder parameter(s) train "
-            f"(e.g. encoder.{trainable[0]}), and the cache would skip their gradients."
-        )
+    _check_frozen(model, JointIntentSlotModel, "states")
     return JointFeatureHead(model)
 
 
@@ -101,14 +106,7 @@ def feature_head(model: nn.Module) -> FeatureHead:
     """The head to train on cached features; refuses a model the cache would get wrong."""
     from .models import MeanPoolingClassifier
 
-    if not isinstance(model, MeanPoolingClassifier):
-        raise ModelError(f"cached features need a mean-pooling classifier, got {type(model).__name__}.")
-    trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
-    if trainable:
-        raise ModelError(
-            f"cannot cache the encoder's features: {len(trainable)} encoder parameter(s) train "
-            f"(e.g. encoder.{trainable[0]}), and the cache would skip their gradients."
-        )
+    _check_frozen(model, MeanPoolingClassifier, "features")
     return FeatureHead(model)
 
 
