@@ -258,7 +258,7 @@ def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
                           "it will not resume into it.")
     outputs.check(files=FILES, dirs=(RUN,))  # writable; temporaries of a killed write removed
     plan = rundir.read_json(out / PLAN)
-    config = TrainConfig.from_dict(plan["config"])
+    config = TrainConfig.saved(plan["config"])
     options = AuditRunOptions(**plan["options"])
     data, slots = _natural_data(config)
     if fingerprint(data.train.texts, data.train.labels) != plan["natural_train_fingerprint"]:

@@ -167,7 +167,7 @@ def load_target(run_dir: str | Path, tasks: Sequence[str] = TASKS) -> TargetRun:
     saved = rundir.read_json(run / rundir.CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ConfigError(f"{run / rundir.CONFIG} holds no training configuration (key 'config').")
-    config = TrainConfig.from_dict(saved["config"])
+    config = TrainConfig.saved(saved["config"])
     recorded = saved["data"] if isinstance(saved.get("data"), dict) else {}
     utterances = None
     if config.task != "intent":  # tagged utterances: texts are their words, labels their intents

@@ -174,6 +174,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def saved(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config a run directory (or audit) recorded: :meth:`from_dict`, with the fields added
+        since then read as what those runs did (joint/slot runs before ``tag_scheme``: BIO)."""
+        if values.get("task", "intent") != "intent" and "tag_scheme" not in values:
+            values = {**values, "tag_scheme": "bio"}
+        return cls.from_dict(values)
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -285,7 +293,7 @@ class RunSummary:
         for key in ("epsilon", "target_epsilon"):
             privacy[key] = float(privacy[key])
         metrics = rundir.read_json(out / rundir.METRICS)
-        config = TrainConfig.from_dict(rundir.read_json(out / rundir.CONFIG)["config"])
+        config = TrainConfig.saved(rundir.read_json(out / rundir.CONFIG)["config"])
         return cls(out, config, privacy, metrics, float(metrics.get("train_seconds", 0.0)))
 
 
@@ -527,7 +535,7 @@ def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
         rundir.recover_dir(out / rundir.CHECKPOINT)
         rundir.clean_temporaries(out)
         saved = rundir.read_json(out / rundir.CONFIG)
-        return TrainConfig.from_dict(saved["config"]), load_state(out / rundir.CHECKPOINT)
+        return TrainConfig.saved(saved["config"]), load_state(out / rundir.CHECKPOINT)
     if data is None and config.data != "synthetic" and Path(config.data).exists():
         # the resolved path, so that --resume and attacks work from any working directory
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))

@@ -266,7 +266,7 @@ def run_plan(run_dir: Path, config) -> str:
     saved = rundir.read_json(run_dir / rundir.CONFIG)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise ConfigError(f"{run_dir / rundir.CONFIG} holds no training configuration.")
-    differences = _differences(TrainConfig.from_dict(saved["config"]), config)
+    differences = _differences(TrainConfig.saved(saved["config"]), config)
     if differences:
         raise ConfigError(
             f"{run_dir} holds a {'finished' if finished else 'stopped'} run of another recipe "

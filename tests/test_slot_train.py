@@ -57,6 +57,35 @@ def test_private_joint_run_files_resume_and_reload(tmp_path):
     assert resumed.metrics["slot_f1"] == whole.metrics["slot_f1"]
 
 
+def test_a_joint_run_recorded_before_tag_schemes_resumes_with_its_bio_head(tmp_path):
+    """Runs written before --tag-scheme existed trained BIO heads: resuming one (config.json
+    without the field) must keep BIO, not switch to the new default and break the checkpoint."""
+    from dptrain.slot_trainer import load_joint
+
+    config = TrainConfig(task="joint", epsilon=4.0, delta=1e-4, epochs=2, batch_size=48, dp_seed=5,
+                         checkpoint_every=4, tag_scheme="bio", **FAST)
+    whole = train_run(config, tmp_path / "whole", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(done):
+        if done == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_run(config, tmp_path / "old", progress=False, on_step=crash)
+    path = tmp_path / "old" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["tag_scheme"]  # as such a run wrote it
+    path.write_text(json.dumps(saved))
+    resumed = train_run(TrainConfig(task="joint", **FAST), tmp_path / "old", resume=True,
+                        progress=False)
+    assert resumed.metrics["slot_f1"] == whole.metrics["slot_f1"]
+    _, _, meta = load_joint(tmp_path / "old" / "model")
+    assert meta["tag_scheme"] == "bio" and meta["tag_head_classes"] == meta["tags"]
+
+
 def test_slots_only_task_and_bad_input(tmp_path, capsys):
     assert main(["train", "--task", "slots", "--model", "tiny", "--data", "synthetic",
                  "--synthetic-per-intent", "8", "--epsilon", "inf", "--epochs", "1",
