@@ -18,8 +18,9 @@ epochs, 0.860 after 100 and 0.868 after 200 (3 noise seeds each; 400: 0.853); ba
 was no better, and a summed tag loss with C = 1 gained 1 point of slot F1 for 2 points of intent
 accuracy. LoRA r8 reached only 0.341 without noise (README "Intent + slot models"). The tag
 head predicts slot types, B- and I- rebuilt from adjacent words (``--tag-scheme io``,
-:class:`~dptrain.joint_model.TagSet`): 0.881 → 0.896 test slot F1 at ε = 8 over 3 noise seeds. ``tiny`` trains whole (batch min(256, N/4), 3 epochs, lr 1e-3). ``tiny`` uses [CLS]
-pooling, sentence-transformers checkpoints (``minilm``) the mean of the token states.
+:class:`~dptrain.joint_model.TagSet`): 0.881 → 0.896 test slot F1 at ε = 8 over 3 noise seeds.
+``tiny`` trains whole (batch min(256, N/4), 3 epochs, lr 1e-3). ``tiny`` uses [CLS] pooling,
+sentence-transformers checkpoints (``minilm``) the mean of the token states.
 """
 
 from __future__ import annotations
