@@ -103,12 +103,16 @@ class SecretScorer:
         out = np.empty(len(ids), dtype=np.float64)
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
-            if self._encoder_key is not None:  # a mean-pooling classifier: encoder, then head
-                logits = self.model.classifier(self._pooled(chunk))
-            else:
-                logits = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits
-            out[start:start + len(chunk)] = self._confidence(logits).numpy()
+            out[start:start + len(chunk)] = self._scores(chunk).numpy()
         return out
+
+    def _scores(self, ids: torch.Tensor) -> torch.Tensor:
+        """s of full candidate texts (token ids [M, T])."""
+        if self._encoder_key is not None:  # a mean-pooling classifier: encoder, then head
+            logits = self.model.classifier(self._pooled(ids))
+        else:
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return self._confidence(logits)
 
     def _pooled(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder states of full-length candidate texts, remembered per encoder
@@ -278,15 +282,10 @@ class SlotSecretScorer:
             s = s + _logit_confidence(out.intent_logits, target)
         return s
 
-    @torch.no_grad()
-    def score(self, indices: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        ids = self.ids(indices)
-        out = np.empty(len(ids), dtype=np.float64)
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            result = self.model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
-            out[start:start + len(chunk)] = self._frame(result).numpy()
-        return out
+    score = SecretScorer.score
+
+    def _scores(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._frame(self.model(input_ids=ids, attention_mask=torch.ones_like(ids)))
 
     def relaxed_log_prob(self, weights: torch.Tensor) -> torch.Tensor:
         """s on mixtures of the candidates' input embeddings at the value's positions."""

@@ -24,6 +24,20 @@ def test_non_private_joint_model_learns_intents_and_slots(tmp_path):
     assert set(m["per_type"]) >= {"city", "amount", "contact"}
 
 
+class Crash(Exception):
+    pass
+
+
+def stop_at_step_6(config, out):
+    """Train into ``out`` and crash after step 6 (the checkpoint of step 4 survives)."""
+    def crash(done):
+        if done == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_run(config, out, progress=False, on_step=crash)
+
+
 def test_private_joint_run_files_resume_and_reload(tmp_path):
     from dptrain.slot_trainer import load_joint
 
@@ -36,15 +50,7 @@ def test_private_joint_run_files_resume_and_reload(tmp_path):
     saved = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert saved["config"]["task"] == "joint" and saved["data"]["tags"][0] == "O"
 
-    class Crash(Exception):
-        pass
-
-    def crash(done):
-        if done == 6:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_run(config, tmp_path / "stopped", progress=False, on_step=crash)
+    stop_at_step_6(config, tmp_path / "stopped")
     state = json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())
     assert state["ledger"]["history"][0][2] == 4  # the ε of the 4 checkpointed steps is kept
     resumed = train_run(config, tmp_path / "stopped", resume=True, progress=False)
@@ -66,15 +72,7 @@ def test_a_joint_run_recorded_before_tag_schemes_resumes_with_its_bio_head(tmp_p
                          checkpoint_every=4, tag_scheme="bio", **FAST)
     whole = train_run(config, tmp_path / "whole", progress=False)
 
-    class Crash(Exception):
-        pass
-
-    def crash(done):
-        if done == 6:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_run(config, tmp_path / "old", progress=False, on_step=crash)
+    stop_at_step_6(config, tmp_path / "old")
     path = tmp_path / "old" / "config.json"
     saved = json.loads(path.read_text())
     del saved["config"]["tag_scheme"]  # as such a run wrote it
