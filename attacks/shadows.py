@@ -287,7 +287,8 @@ def cache_inputs(target: TargetRun, seed: int = 0) -> dict[str, Any]:
     recipe = {name: config[name] for name in RECIPE_FIELDS}
     if target.task != "intent":  # (intent caches keep the keys they had before slot models)
         recipe["task"] = target.task
-        recipe["tag_scheme"] = config.get("tag_scheme", "bio")
+        for name in ("tag_scheme", "tag_layers", "intent_tag_bias"):
+            recipe[name] = config[name]  # TrainConfig.saved() filled what older runs lack
     return {
         "version": CACHE_VERSION,
         "recipe": recipe,

@@ -136,7 +136,6 @@ def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags, *,
     import torch
 
     from dptrain.features import cacheable
-    from dptrain.joint_model import per_utterance_loss
     from dptrain.slot_trainer import SlotBatches, encode_slots
 
     if device is not None:
@@ -154,10 +153,8 @@ def joint_signals(model, tokenizer, utterances, intents: Sequence[str], tags, *,
         for start in range(0, n, batch_size):
             idx = list(range(start, min(n, start + batch_size)))
             b = batches.batch("population", idx)
-            out = batches.net(**{k: v for k, v in b.items()})
-            ell = per_utterance_loss(out.intent_logits, out.tag_logits,
-                                     b.get("labels"), b["tag_labels"])
-            loss[start:start + len(idx)] = ell.double().cpu().numpy()
+            out = batches.net(**b)
+            loss[start:start + len(idx)] = out.utterance_loss.double().cpu().numpy()
             if out.intent_logits is not None:
                 if intent_probs is None:
                     intent_probs = np.empty((n, out.intent_logits.shape[-1]), dtype=np.float32)

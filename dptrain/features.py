@@ -51,24 +51,20 @@ class FeatureHead(nn.Module):
 
 
 class JointFeatureHead(nn.Module):
-    """The two heads of a :class:`~dptrain.joint_model.JointIntentSlotModel`, applied to cached
-    states: ``pooled`` [B, d] and ``word_states`` [B, W, d] (each word's first sub-token, padded
-    with tag label -100). Shares its parameters with the model: training it trains that model."""
+    """The heads of a :class:`~dptrain.joint_model.JointIntentSlotModel`, applied to cached
+    states: ``pooled`` [B, d] and ``word_states`` [B, W, d] (each word's first sub-token, of the
+    states the tag head reads; padded with tag label -100). Shares its parameters with the
+    model: training it trains that model."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.dropout, self.intent_head, self.tag_head = model.dropout, model.intent_head, model.tag_head
+        self.intent_tag_bias = model.intent_tag_bias
 
     def forward(self, pooled: torch.Tensor, word_states: torch.Tensor, labels=None, tag_labels=None):
-        from .joint_model import JointOutput, per_utterance_loss
+        from .joint_model import joint_heads
 
-        intent_logits = (self.intent_head(self.dropout(pooled)) if self.intent_head is not None
-                         else None)
-        tag_logits = self.tag_head(self.dropout(word_states))
-        loss = None
-        if tag_labels is not None:
-            loss = per_utterance_loss(intent_logits, tag_logits, labels, tag_labels).mean()
-        return JointOutput(loss=loss, intent_logits=intent_logits, tag_logits=tag_logits)
+        return joint_heads(self, pooled, word_states, labels, tag_labels)
 
 
 def cacheable(model: nn.Module) -> bool:
@@ -182,17 +178,20 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
 @torch.no_grad()
 def token_states(encoder: nn.Module, ids, lengths, pad_token_id: int, batch_size: int = 256,
                  progress=None, encoder_sha256: str | None = None, device=None,
-                 precision: str = "fp32") -> list[torch.Tensor]:
-    """The last hidden states [T_i, d] (on the CPU; fp16/bf16 upcast to fp32) of every token sequence in ``ids``,
-    encoded in eval mode, batched by length and remembered per sequence like
-    :func:`pooled_features` (each row depends on its own sequence only)."""
+                 precision: str = "fp32", tag_layers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per token sequence in ``ids``: its last hidden states [T_i, d] and the mean of its last
+    ``tag_layers`` hidden states [T_i, d] (the same tensor when ``tag_layers`` is 1): what a
+    :class:`~dptrain.joint_model.JointIntentSlotModel` pools and what its tag head reads.
+    On the CPU (fp16/bf16 upcast to fp32), encoded in eval mode, batched by length and
+    remembered per sequence like :func:`pooled_features` (each row depends on its own sequence
+    only)."""
     from .device import autocast
     from .models import weights_sha256
 
     device = device if device is not None else next(encoder.parameters()).device
     memory = _memory(("tokens", encoder_sha256 or weights_sha256(encoder), int(pad_token_id),
-                      precision))
-    out: list[torch.Tensor | None] = [memory.get(tuple(r)) for r in ids]
+                      precision, int(tag_layers)))
+    out: list = [memory.get(tuple(r)) for r in ids]
     todo = np.asarray([i for i, known in enumerate(out) if known is None], dtype=np.int64)
     if progress is not None and len(ids) > len(todo):
         progress(len(ids) - len(todo))
@@ -209,15 +208,23 @@ def token_states(encoder: nn.Module, ids, lengths, pad_token_id: int, batch_size
                 input_ids[row, :len(ids[i])] = torch.as_tensor(ids[i])
                 mask[row, :len(ids[i])] = 1
             with autocast(device, precision):
-                states = encoder(input_ids=input_ids.to(device),
-                                 attention_mask=mask.to(device)).last_hidden_state
-            if states.dtype in (torch.float16, torch.bfloat16):
-                states = states.float()
-            states = states.cpu()
+                encoded = encoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                  output_hidden_states=tag_layers > 1)
+            states = [_upcast(encoded.last_hidden_state)]
+            if tag_layers > 1:
+                states.append(_upcast(torch.stack(encoded.hidden_states[-tag_layers:])).mean(0))
+            states = [s.cpu() for s in states]
             for row, i in enumerate(idx):
-                out[i] = memory[tuple(ids[i])] = states[row, :len(ids[i])].clone()
+                last = states[0][row, :len(ids[i])].clone()
+                tags = last if tag_layers == 1 else states[1][row, :len(ids[i])].clone()
+                out[i] = memory[tuple(ids[i])] = (last, tags)
             if progress is not None:
                 progress(len(idx))
     finally:
         encoder.train(was_training)
     return out
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 states as fp32 (what the heads compute in); other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

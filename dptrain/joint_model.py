@@ -81,22 +81,41 @@ def tag_set(tags) -> "TagSet":
 
 @dataclass
 class JointOutput:
+    """``tag_logits``: what the model predicts (with an intent-tag bias, given its own predicted
+    intent); ``utterance_loss``: ℓ_i of each utterance [B] and ``loss`` their mean, when the
+    labels are given (with an intent-tag bias, given the gold intent)."""
     loss: torch.Tensor | None
     intent_logits: torch.Tensor | None
     tag_logits: torch.Tensor
+    utterance_loss: torch.Tensor | None = None
 
 
 class JointIntentSlotModel(nn.Module):
-    """Encoder + intent head (pooled) + tag head (per token); see the module docstring."""
+    """Encoder + intent head (pooled) + tag head (per token); see the module docstring.
+
+    ``tag_layers`` = k: the tag head reads the mean of the encoder's last k hidden states (the
+    intent head always pools the last one). ``intent_tag_bias`` (task joint): a learned bias
+    b[intent, tag class] added to every word's tag logits, with the gold intent in the loss and
+    the predicted one when the model predicts (slot gating, Goo et al. 2018: which slot types an
+    intent takes). Each is a function of the utterance alone, so ℓ_i stays per utterance.
+    """
 
     def __init__(self, encoder: nn.Module, num_intents: int, num_tags: int, *, task: str = "joint",
-                 pooling: str = "cls", dropout: float = 0.1):
+                 pooling: str = "cls", dropout: float = 0.1, tag_layers: int = 1,
+                 intent_tag_bias: bool = False):
         super().__init__()
         if task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"pooling must be cls or mean, got {pooling!r}.")
-        self.encoder, self.task, self.pooling = encoder, task, pooling
+        states = encoder.config.num_hidden_layers + 1  # the embeddings' output and every layer's
+        if isinstance(tag_layers, bool) or not isinstance(tag_layers, int) \
+                or not 1 <= tag_layers <= states:
+            raise ConfigError(f"tag_layers must be an integer in [1, {states}] (this encoder has "
+                              f"{states} hidden states), got {tag_layers!r}.")
+        if intent_tag_bias and task != "joint":
+            raise ConfigError("an intent-tag bias needs an intent head: task joint.")
+        self.encoder, self.task, self.pooling, self.tag_layers = encoder, task, pooling, tag_layers
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # unused: the intent head reads the [CLS] state itself
         hidden = encoder.config.hidden_size
@@ -104,6 +123,10 @@ class JointIntentSlotModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.intent_head = nn.Linear(hidden, num_intents) if task == "joint" else None
         self.tag_head = nn.Linear(hidden, num_tags)
+        self.intent_tag_bias = None
+        if intent_tag_bias:
+            self.intent_tag_bias = nn.Embedding(num_intents, num_tags)
+            nn.init.zeros_(self.intent_tag_bias.weight)
 
     @property
     def base_model(self) -> nn.Module:
@@ -113,19 +136,41 @@ class JointIntentSlotModel(nn.Module):
                 **kwargs) -> JointOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              **kwargs).last_hidden_state
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=self.tag_layers > 1, **kwargs)
+        states = out.last_hidden_state
         if self.pooling == "cls":
             pooled = states[:, 0]
         else:
             mask = attention_mask.unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        intent_logits = self.intent_head(self.dropout(pooled)) if self.intent_head is not None else None
-        tag_logits = self.tag_head(self.dropout(states))
-        loss = None
-        if tag_labels is not None:
-            loss = per_utterance_loss(intent_logits, tag_logits, labels, tag_labels).mean()
-        return JointOutput(loss=loss, intent_logits=intent_logits, tag_logits=tag_logits)
+        if self.tag_layers > 1:
+            states = torch.stack(out.hidden_states[-self.tag_layers:]).mean(0)
+        return joint_heads(self, pooled, states, labels, tag_labels)
+
+
+def joint_heads(heads: nn.Module, pooled: torch.Tensor, tag_states: torch.Tensor, labels=None,
+                tag_labels=None) -> JointOutput:
+    """The heads of a :class:`JointIntentSlotModel` (or of the
+    :class:`~dptrain.features.JointFeatureHead` that shares them) on the pooled states [B, d]
+    and the states the tag head reads [B, T, d]."""
+    intent_logits = (heads.intent_head(heads.dropout(pooled)) if heads.intent_head is not None
+                     else None)
+    tag_logits = heads.tag_head(heads.dropout(tag_states))
+    bias = heads.intent_tag_bias
+    utterance_loss = None
+    if tag_labels is not None:
+        scored = tag_logits
+        if bias is not None:
+            if labels is None:
+                raise ConfigError("a joint model needs intent labels with its tag labels.")
+            scored = tag_logits + bias(labels).unsqueeze(1)
+        utterance_loss = per_utterance_loss(intent_logits, scored, labels, tag_labels)
+    if bias is not None:  # the prediction: given the predicted intent (no gradient: not trained)
+        tag_logits = tag_logits + bias.weight.detach()[intent_logits.argmax(-1)].unsqueeze(1)
+    return JointOutput(loss=None if utterance_loss is None else utterance_loss.mean(),
+                       intent_logits=intent_logits, tag_logits=tag_logits,
+                       utterance_loss=utterance_loss)
 
 
 def per_utterance_loss(intent_logits, tag_logits, labels, tag_labels) -> torch.Tensor:

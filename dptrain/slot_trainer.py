@@ -39,7 +39,10 @@ from .errors import ConfigError
 from .joint_model import JointIntentSlotModel, align, collate, word_predictions
 
 JOINT_FORMAT = "dptrain_joint.json"
+HEADS = ("tag_head", "intent_head", "intent_tag_bias")  # what heads.safetensors holds
 JOINT_HEAD_EPOCHS = 200.0  # the heads recipe's epochs (module docstring)
+JOINT_HEAD_LR = 6e-2  # the heads recipe's AdamW learning rate
+JOINT_TAG_LAYERS = 4  # the heads recipe's tag head reads the mean of the last 4 hidden states
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +80,16 @@ class SlotBatches:
             self.features = {}
             for name, e in enc.items():
                 states = token_states(model.encoder, e.ids, e.lengths, pad, encoder_sha256=sha,
-                                      device=device, progress=bar.update if bar else None)
+                                      device=device, progress=bar.update if bar else None,
+                                      tag_layers=model.tag_layers)
                 if model.pooling == "cls":
-                    pooled = torch.stack([s[0] for s in states]) if states else torch.empty(0)
+                    pooled = torch.stack([s[0] for s, _ in states]) if states else torch.empty(0)
                 else:
-                    pooled = torch.stack([s.mean(0) for s in states]) if states else torch.empty(0)
+                    pooled = torch.stack([s.mean(0) for s, _ in states]) if states else torch.empty(0)
                 kept = [torch.as_tensor(t) != IGNORE for t in e.tags]
                 self.features[name] = {
                     "pooled": pooled,
-                    "words": [s[k] for s, k in zip(states, kept)],
+                    "words": [s[k] for (_, s), k in zip(states, kept)],
                     "tags": [torch.as_tensor(t)[k] for t, k in zip(e.tags, kept)],
                 }
             if bar is not None:
@@ -193,15 +197,15 @@ def save_joint(model: JointIntentSlotModel, tokenizer, path: Path, intents, tags
     path.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(path / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(path)
-    heads = {f"tag_head.{k}": v for k, v in model.tag_head.state_dict().items()}
-    if model.intent_head is not None:
-        heads.update({f"intent_head.{k}": v for k, v in model.intent_head.state_dict().items()})
+    heads = {f"{name}.{k}": v for name in HEADS if getattr(model, name) is not None
+             for k, v in getattr(model, name).state_dict().items()}
     save_file({k: v.detach().contiguous() for k, v in heads.items()}, path / "heads.safetensors")
     (path / JOINT_FORMAT).write_text(json.dumps({
         "format": "dptrain joint intent+slot model, version 1", "task": model.task,
         "pooling": model.pooling, "dropout": model.dropout.p, "intents": list(intents),
         "tags": list(tags.tags), "tag_scheme": tags.scheme,
-        "tag_head_classes": list(tags.classes)}, indent=2) + "\n")
+        "tag_head_classes": list(tags.classes), "tag_layers": model.tag_layers,
+        "intent_tag_bias": model.intent_tag_bias is not None}, indent=2) + "\n")
 
 
 def load_joint(path: str | Path):
@@ -218,12 +222,14 @@ def load_joint(path: str | Path):
         encoder = AutoModel.from_pretrained(path / "encoder", local_files_only=True,
                                             use_safetensors=True)
     model = JointIntentSlotModel(encoder, max(len(meta["intents"]), 1), len(meta["tagset"].classes),
-                                 task=meta["task"], pooling=meta["pooling"], dropout=meta["dropout"])
+                                 task=meta["task"], pooling=meta["pooling"], dropout=meta["dropout"],
+                                 tag_layers=meta.get("tag_layers", 1),
+                                 intent_tag_bias=meta.get("intent_tag_bias", False))
     state = load_file(path / "heads.safetensors")
-    model.tag_head.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("tag_head.")})
-    if model.intent_head is not None:
-        model.intent_head.load_state_dict(
-            {k[12:]: v for k, v in state.items() if k.startswith("intent_head.")})
+    for name in HEADS:
+        if getattr(model, name) is not None:
+            getattr(model, name).load_state_dict(
+                {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer, meta
 
@@ -288,15 +294,31 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     trainable = config.trainable
     if trainable == "auto":  # as for intents: the heads of a pretrained encoder, all of tiny
         trainable = "all" if config.model == "tiny" else "head"
-    epochs_given = config.epochs is not None
+    epochs_given, lr_given = config.epochs is not None, config.lr is not None
     config = recipe(config, trainable, n, mean_pooling=True)
     if trainable == "head" and not epochs_given:
         config = dataclasses.replace(config, epochs=JOINT_HEAD_EPOCHS)
+    heads = trainable == "head" and config.model != "tiny"  # the measured heads recipe
+    if heads and not lr_given:
+        config = dataclasses.replace(config, lr=JOINT_HEAD_LR)
+    states = encoder.config.num_hidden_layers + 1
+    if config.tag_layers is None:
+        config = dataclasses.replace(config, tag_layers=min(JOINT_TAG_LAYERS, states) if heads else 1)
+    elif config.tag_layers > states:
+        raise ConfigError(f"tag_layers must be <= {states}: the encoder has {states} hidden "
+                          f"states, got {config.tag_layers}.")
+    if config.intent_tag_bias == "auto":
+        config = dataclasses.replace(
+            config, intent_tag_bias="on" if heads and config.task == "joint" else "off")
+    elif config.intent_tag_bias == "on" and config.task != "joint":
+        raise ConfigError("intent_tag_bias on needs an intent head: --task joint.")
     from .joint_model import TagSet
 
     tagset = TagSet(data.tags, config.tag_scheme)
     model = JointIntentSlotModel(encoder, len(data.intents), len(tagset.classes), task=config.task,
-                                 pooling=pooling, dropout=config.head_dropout)
+                                 pooling=pooling, dropout=config.head_dropout,
+                                 tag_layers=config.tag_layers,
+                                 intent_tag_bias=config.intent_tag_bias == "on")
     if trainable == "lora":
         from .models import apply_lora
 

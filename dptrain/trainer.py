@@ -77,6 +77,13 @@ class TrainConfig:
     tag_scheme: str = field(default="io", metadata={
         "help": "joint/slots: what the tag head predicts: io (one class per slot type; B-/I- "
                 "rebuilt from adjacent words, the measured best under DP) | bio (the tags)"})
+    tag_layers: int | None = field(default=None, metadata={
+        "help": "joint/slots: the tag head reads the mean of the encoder's last K hidden states",
+        "default_text": "4 for the heads recipe on a pretrained encoder, else 1"})
+    intent_tag_bias: str = field(default="auto", metadata={
+        "help": "joint: a learned bias per (intent, tag class) added to the tag logits, given "
+                "the gold intent in training and the predicted one in use (slot gating): on | "
+                "off | auto (on for the heads recipe on a pretrained encoder)"})
     trainable: str = field(default="auto", metadata={
         "help": "which parameters train: auto (head for a pretrained encoder, all for tiny) | "
                 "all | head | last-K | bias | lora"})
@@ -158,6 +165,11 @@ class TrainConfig:
             raise ConfigError(f"task must be one of intent, joint, slots, got {self.task!r}.")
         if self.tag_scheme not in ("io", "bio"):
             raise ConfigError(f"tag_scheme must be io or bio, got {self.tag_scheme!r}.")
+        if self.tag_layers is not None:
+            _positive("tag_layers", self.tag_layers, int)
+        if self.intent_tag_bias not in ("auto", "on", "off"):
+            raise ConfigError(f"intent_tag_bias must be one of auto, on, off, got "
+                              f"{self.intent_tag_bias!r}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
@@ -176,9 +188,10 @@ class TrainConfig:
     @classmethod
     def saved(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config a run directory (or audit) recorded: :meth:`from_dict`, with the fields added
-        since then read as what those runs did (joint/slot runs before ``tag_scheme``: BIO)."""
-        if values.get("task", "intent") != "intent" and "tag_scheme" not in values:
-            values = {**values, "tag_scheme": "bio"}
+        since then read as what those runs did (joint/slot runs before ``tag_scheme``: BIO;
+        before ``tag_layers`` and ``intent_tag_bias``: the last state, no bias)."""
+        if values.get("task", "intent") != "intent":
+            values = {"tag_scheme": "bio", "tag_layers": 1, "intent_tag_bias": "off", **values}
         return cls.from_dict(values)
 
     @classmethod

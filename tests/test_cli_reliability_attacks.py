@@ -53,10 +53,13 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(Path(root).rglob("*"))}
 
 
-def kill_when(args, ready, timeout: float = 120.0) -> None:
-    """Start ``dptrain *args`` and SIGKILL it as soon as ``ready()`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain", *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_when(args, ready, timeout: float = 120.0, stdout: Path | None = None) -> None:
+    """Start ``dptrain *args`` and SIGKILL it as soon as ``ready()`` holds (its unbuffered
+    stdout into the file ``stdout``, if given)."""
+    sink = open(stdout, "w") if stdout is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain", *map(str, args)],
+                            env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=sink,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -66,6 +69,8 @@ def kill_when(args, ready, timeout: float = 120.0) -> None:
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
+        if stdout is not None:
+            sink.close()
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -385,21 +390,18 @@ def _finished_demo(out: Path, proc: subprocess.CompletedProcess) -> None:
     assert {"sweep.json", "results.csv", "report.html", "timing.json"} <= set(manifest["files"])
 
 
-def test_demo_killed_before_its_first_checkpoint_restarts_that_run(tmp_path):
+def test_demo_killed_before_and_after_a_checkpoint_restarts_then_resumes_that_run(tmp_path):
+    """Killed before the first cell's first checkpoint, the demo restarts that cell; killed again
+    after it, the demo resumes it from the checkpoint (one chain: each full demo costs ~50 s)."""
     out = tmp_path / "demo"
     first = out / "cells" / "default" / "seed0" / "epsinf"
     kill_when([*DEMO, "--out", out], (first / "config.json").exists)
     assert not (first / "checkpoint").exists() and not (first / "privacy.json").exists()
-    proc = dptrain(*DEMO, "--out", out)
-    _finished_demo(out, proc)
-    assert "train default/seed0/ε=inf: restarted (it stopped before its first checkpoint)" in proc.stdout
-
-
-def test_demo_killed_after_a_checkpoint_resumes_that_run(tmp_path):
-    out = tmp_path / "demo"
-    state = out / "cells" / "default" / "seed0" / "epsinf" / "checkpoint" / "state.json"
-    kill_when([*DEMO, "--out", out], state.exists)
-    assert not (out / "cells" / "default" / "seed0" / "epsinf" / "privacy.json").exists()
+    log = tmp_path / "restart.log"
+    kill_when([*DEMO, "--out", out], (first / "checkpoint" / "state.json").exists, stdout=log)
+    assert "train default/seed0/ε=inf: restarted (it stopped before its first checkpoint)" in \
+        log.read_text()
+    assert not (first / "privacy.json").exists()
     proc = dptrain(*DEMO, "--out", out)
     _finished_demo(out, proc)
     assert "train default/seed0/ε=inf: resumed (from its checkpoint)" in proc.stdout
