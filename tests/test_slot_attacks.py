@@ -21,12 +21,16 @@ def _loss_alone(model, tokenizer, utterance, intents, tags):
     enc = tokenizer([list(utterance.tokens)], is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    logits = out.tag_logits
+    if model.intent_tag_bias is not None:  # trained on the gold intent's bias, not the predicted
+        table = model.intent_tag_bias.weight
+        logits = logits - table[out.intent_logits.argmax(-1)] + table[intents.index(utterance.intent)]
     seen, word_terms = set(), []
     for pos, w in enumerate(enc.word_ids(0)):
         if w is None or w in seen:
             continue
         seen.add(w)
-        p = torch.softmax(out.tag_logits[0, pos].double(), -1)[tags.index(utterance.tags[w])]
+        p = torch.softmax(logits[0, pos].double(), -1)[tags.index(utterance.tags[w])]
         word_terms.append(-math.log(float(p)))
     loss = sum(word_terms) / len(word_terms)
     if out.intent_logits is not None:
@@ -35,8 +39,11 @@ def _loss_alone(model, tokenizer, utterance, intents, tags):
     return loss
 
 
-@pytest.mark.parametrize("task, trainable", [("joint", "all"), ("joint", "head"), ("slots", "all")])
-def test_joint_signals_are_each_utterances_own_loss(task, trainable):
+@pytest.mark.parametrize("task, trainable, gated", [
+    ("joint", "all", False), ("joint", "head", False), ("slots", "all", False), ("joint", "head", True)])
+def test_joint_signals_are_each_utterances_own_loss(task, trainable, gated):
+    """gated: the heads recipe's model (tags on the mean of the last 2 states, an intent-tag
+    bias): the signal is the training loss, given the gold intent."""
     from attacks.signals import joint_signals
     from dptrain.features import forget
     from dptrain.joint_model import JointIntentSlotModel
@@ -47,7 +54,10 @@ def test_joint_signals_are_each_utterances_own_loss(task, trainable):
     data = load_slot_data("synthetic", synthetic_per_intent=2, seed=0)
     encoder, tokenizer, _ = load_encoder("tiny")
     torch.manual_seed(1)
-    model = JointIntentSlotModel(encoder, len(data.intents), len(data.tags), task=task)
+    model = JointIntentSlotModel(encoder, len(data.intents), len(data.tags), task=task,
+                                 tag_layers=2 if gated else 1, intent_tag_bias=gated)
+    if gated:
+        torch.nn.init.normal_(model.intent_tag_bias.weight, std=2.0)
     set_trainable(model, trainable)  # head: the frozen encoder's states come from the cache
     utts = data.train[:12]
     forget()

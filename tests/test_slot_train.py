@@ -75,13 +75,19 @@ def test_a_joint_run_recorded_before_tag_schemes_resumes_with_its_bio_head(tmp_p
     stop_at_step_6(config, tmp_path / "old")
     path = tmp_path / "old" / "config.json"
     saved = json.loads(path.read_text())
-    del saved["config"]["tag_scheme"]  # as such a run wrote it
+    for name in ("tag_scheme", "tag_layers", "intent_tag_bias"):
+        del saved["config"][name]  # as such a run wrote it
     path.write_text(json.dumps(saved))
     resumed = train_run(TrainConfig(task="joint", **FAST), tmp_path / "old", resume=True,
                         progress=False)
     assert resumed.metrics["slot_f1"] == whole.metrics["slot_f1"]
     _, _, meta = load_joint(tmp_path / "old" / "model")
     assert meta["tag_scheme"] == "bio" and meta["tag_head_classes"] == meta["tags"]
+    fields = TrainConfig(task="joint").to_dict()
+    for name in ("tag_scheme", "tag_layers", "intent_tag_bias"):
+        del fields[name]
+    old = TrainConfig.saved(fields)  # an older joint run with the heads recipe: no gating
+    assert (old.tag_scheme, old.tag_layers, old.intent_tag_bias) == ("bio", 1, "off")
 
 
 def test_slots_only_task_and_bad_input(tmp_path, capsys):
@@ -99,6 +105,16 @@ def test_slots_only_task_and_bad_input(tmp_path, capsys):
     assert "1 tags for 2 words" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
     assert main(["train", "--task", "tagging", "--out", str(tmp_path / "bad")]) == 2
+    capsys.readouterr()
+    for flags, message in ((["--task", "joint", "--tag-layers", "4"], "tag_layers must be <= 3"),
+                           (["--task", "slots", "--intent-tag-bias", "on"], "needs an intent head"),
+                           (["--task", "joint", "--intent-tag-bias", "yes"], "intent_tag_bias must"),
+                           (["--task", "joint", "--tag-layers", "0"], "tag_layers must be")):
+        assert main(["train", *flags, "--model", "tiny", "--synthetic-per-intent", "8",
+                     "--out", str(tmp_path / "bad"), "--quiet"]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_attacks_on_slot_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):

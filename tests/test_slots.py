@@ -168,17 +168,22 @@ def test_a_joint_run_saves_its_tag_scheme_and_reloads_with_the_same_predictions(
     from dptrain.slot_trainer import SlotBatches, encode_slots, evaluate_slots, load_joint
     from dptrain.slot_data import load_slot_data
 
-    for scheme in ("io", "bio"):
-        run = tmp_path / scheme
+    for scheme, layers, bias in (("io", 1, "off"), ("bio", 1, "off"), ("io", 2, "on")):
+        run = tmp_path / f"{scheme}{layers}{bias}"
         summary = train_run(TrainConfig(model="tiny", data="synthetic", task="joint",
                                         synthetic_per_intent=6, epochs=1, epsilon=float("inf"),
-                                        tag_scheme=scheme), run, progress=False)
+                                        tag_scheme=scheme, tag_layers=layers,
+                                        intent_tag_bias=bias), run, progress=False)
         meta = json.loads((run / "model" / "dptrain_joint.json").read_text())
         assert meta["tag_scheme"] == scheme and meta["tags"][0] == "O"
+        assert meta["tag_layers"] == layers and meta["intent_tag_bias"] == (bias == "on")
         n_types = len({t[2:] for t in meta["tags"] if t != "O"})
         assert len(meta["tag_head_classes"]) == (n_types + 1 if scheme == "io" else len(meta["tags"]))
         model, tokenizer, loaded = load_joint(run / "model")
         assert model.tag_head.out_features == len(meta["tag_head_classes"])
+        assert model.tag_layers == layers and (model.intent_tag_bias is not None) == (bias == "on")
+        if bias == "on":  # trained (it starts at zero) and saved
+            assert float(model.intent_tag_bias.weight.detach().abs().sum()) > 0
         data = load_slot_data("synthetic", synthetic_per_intent=6, seed=0)
         enc = {"test": encode_slots(tokenizer, data.test, data.intents, loaded["tagset"], 64)}
         again = evaluate_slots(model, SlotBatches(model, enc, tokenizer.pad_token_id,
