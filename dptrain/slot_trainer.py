@@ -40,7 +40,7 @@ from .joint_model import JointIntentSlotModel, align, collate, word_predictions
 
 JOINT_FORMAT = "dptrain_joint.json"
 HEADS = ("tag_head", "intent_head", "intent_tag_bias")  # what heads.safetensors holds
-JOINT_HEAD_EPOCHS = 200.0  # the heads recipe's epochs (module docstring)
+JOINT_HEAD_EPOCHS = 300.0  # the heads recipe's epochs (module docstring)
 JOINT_HEAD_LR = 6e-2  # the heads recipe's AdamW learning rate
 JOINT_TAG_LAYERS = 4  # the heads recipe's tag head reads the mean of the last 4 hidden states
 
