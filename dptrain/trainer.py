@@ -79,7 +79,7 @@ class TrainConfig:
                 "rebuilt from adjacent words, the measured best under DP) | bio (the tags)"})
     tag_layers: int | None = field(default=None, metadata={
         "help": "joint/slots: the tag head reads the mean of the encoder's last K hidden states",
-        "default_text": "4 for the heads recipe on a pretrained encoder, else 1"})
+        "default_text": "5 for the heads recipe on a pretrained encoder, else 1"})
     intent_tag_bias: str = field(default="auto", metadata={
         "help": "joint: a learned bias per (intent, tag class) added to the tag logits, given "
                 "the gold intent in training and the predicted one in use (slot gating): on | "
