@@ -390,22 +390,26 @@ def _finished_demo(out: Path, proc: subprocess.CompletedProcess) -> None:
     assert {"sweep.json", "results.csv", "report.html", "timing.json"} <= set(manifest["files"])
 
 
-def test_demo_killed_before_and_after_a_checkpoint_restarts_then_resumes_that_run(tmp_path):
-    """Killed before the first cell's first checkpoint, the demo restarts that cell; killed again
-    after it, the demo resumes it from the checkpoint (one chain: each full demo costs ~50 s)."""
+def test_demo_killed_before_and_after_a_checkpoint_restarts_then_resumes_the_run(tmp_path):
+    """Killed before the first cell's first checkpoint, the demo restarts that cell; killed
+    after the next cell's checkpoint, the demo resumes that one from it (one chain of kills:
+    each full demo costs ~50 s). A cell's line is printed when its job ends."""
     out = tmp_path / "demo"
-    first = out / "cells" / "default" / "seed0" / "epsinf"
-    kill_when([*DEMO, "--out", out], (first / "config.json").exists)
-    assert not (first / "checkpoint").exists() and not (first / "privacy.json").exists()
+    cells = out / "cells" / "default" / "seed0"
+    kill_when([*DEMO, "--out", out], (cells / "epsinf" / "config.json").exists)
+    assert not (cells / "epsinf" / "checkpoint").exists()
+    assert not (cells / "epsinf" / "privacy.json").exists()
     log = tmp_path / "restart.log"
-    kill_when([*DEMO, "--out", out], (first / "checkpoint" / "state.json").exists, stdout=log)
+    kill_when([*DEMO, "--out", out], (cells / "eps8" / "checkpoint" / "state.json").exists,
+              stdout=log)
     assert "train default/seed0/ε=inf: restarted (it stopped before its first checkpoint)" in \
         log.read_text()
-    assert not (first / "privacy.json").exists()
+    assert (cells / "epsinf" / "privacy.json").exists()
+    assert not (cells / "eps8" / "privacy.json").exists()
     proc = dptrain(*DEMO, "--out", out)
     _finished_demo(out, proc)
-    assert "train default/seed0/ε=inf: resumed (from its checkpoint)" in proc.stdout
-    assert "ε=8: resumed" not in proc.stdout and "ε=8: restarted" not in proc.stdout
+    assert "train default/seed0/ε=8: resumed (from its checkpoint)" in proc.stdout
+    assert "ε=inf: resumed" not in proc.stdout and "ε=inf: restarted" not in proc.stdout
 
 
 def test_demo_refuses_a_run_of_another_recipe(tmp_path):
