@@ -307,20 +307,16 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     config = recipe(config, trainable, n, mean_pooling=True)
     if trainable == "head" and not epochs_given:
         config = dataclasses.replace(config, epochs=JOINT_HEAD_EPOCHS)
-    heads = trainable == "head" and config.model != "tiny"  # the measured heads recipe
-    if heads and not lr_given:
+    measured = trainable == "head" and config.model != "tiny"  # the heads recipe (docstring)
+    if measured and not lr_given:
         config = dataclasses.replace(config, lr=JOINT_HEAD_LR)
-    states = encoder.config.num_hidden_layers + 1
-    if config.tag_layers is None:
-        config = dataclasses.replace(config, tag_layers=min(JOINT_TAG_LAYERS, states) if heads else 1)
-    elif config.tag_layers > states:
-        raise ConfigError(f"tag_layers must be <= {states}: the encoder has {states} hidden "
-                          f"states, got {config.tag_layers}.")
+    if config.tag_layers is None:  # (the model refuses more than the encoder's hidden states)
+        states = encoder.config.num_hidden_layers + 1
+        config = dataclasses.replace(config, tag_layers=min(JOINT_TAG_LAYERS, states) if measured
+                                     else 1)
     if config.intent_tag_bias == "auto":
         config = dataclasses.replace(
-            config, intent_tag_bias="on" if heads and config.task == "joint" else "off")
-    elif config.intent_tag_bias == "on" and config.task != "joint":
-        raise ConfigError("intent_tag_bias on needs an intent head: --task joint.")
+            config, intent_tag_bias="on" if measured and config.task == "joint" else "off")
     from .joint_model import TagSet
 
     tagset = TagSet(data.tags, config.tag_scheme)

@@ -106,7 +106,7 @@ def test_slots_only_task_and_bad_input(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert main(["train", "--task", "tagging", "--out", str(tmp_path / "bad")]) == 2
     capsys.readouterr()
-    for flags, message in ((["--task", "joint", "--tag-layers", "4"], "tag_layers must be <= 3"),
+    for flags, message in ((["--task", "joint", "--tag-layers", "4"], "tag_layers must be an integer in [1, 3]"),
                            (["--task", "slots", "--intent-tag-bias", "on"], "needs an intent head"),
                            (["--task", "joint", "--intent-tag-bias", "yes"], "intent_tag_bias must"),
                            (["--task", "joint", "--tag-layers", "0"], "tag_layers must be")):
