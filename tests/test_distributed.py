@@ -96,6 +96,7 @@ def _rank(rank: int, world: int, store: str, out: str, sigma: float, width: int,
     try:
         value = released(Distributed(rank, world), sigma, width, backward, scale)
         torch.save(value, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
 
