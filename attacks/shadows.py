@@ -287,8 +287,10 @@ def cache_inputs(target: TargetRun, seed: int = 0) -> dict[str, Any]:
     recipe = {name: config[name] for name in RECIPE_FIELDS}
     if target.task != "intent":  # (intent caches keep the keys they had before slot models)
         recipe["task"] = target.task
-        for name in ("tag_scheme", "tag_layers", "intent_tag_bias"):
-            recipe[name] = config[name]  # TrainConfig.saved() filled what older runs lack
+        from dptrain.trainer import SLOT_FIELDS_BEFORE
+
+        for name in SLOT_FIELDS_BEFORE:  # TrainConfig.saved() filled what older runs lack
+            recipe[name] = config[name]
     return {
         "version": CACHE_VERSION,
         "recipe": recipe,

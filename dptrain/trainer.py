@@ -35,6 +35,10 @@ from .errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+# The slot-model fields added after the first joint/slot runs, and what those runs did.
+SLOT_FIELDS_BEFORE = {"tag_scheme": "bio", "tag_layers": 1, "intent_tag_bias": "off"}
+
+
 def _positive(name, value, kind=float, allow_inf=False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     if ok and not allow_inf and not math.isfinite(value):
@@ -191,7 +195,7 @@ class TrainConfig:
         since then read as what those runs did (joint/slot runs before ``tag_scheme``: BIO;
         before ``tag_layers`` and ``intent_tag_bias``: the last state, no bias)."""
         if values.get("task", "intent") != "intent":
-            values = {"tag_scheme": "bio", "tag_layers": 1, "intent_tag_bias": "off", **values}
+            values = {**SLOT_FIELDS_BEFORE, **values}
         return cls.from_dict(values)
 
     @classmethod
