@@ -251,20 +251,22 @@ def tags_of(meta: dict):
 
 
 def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                    on_step=None, data=None, member_ids=None, extra_info=None):
+                    on_step=None, data=None, member_ids=None, extra_info=None,
+                    gradient_canaries=None):
     """Train a joint (or slots-only) model and write its run directory; see the module docstring.
 
     ``data``: a :class:`~dptrain.slot_data.SlotData` to train on instead of loading
     ``config.data`` (shadow models pass half of the population); ``member_ids``: the training
     utterances' ids in that population, for members.json (default 0..N-1); ``extra_info``: more
-    for config.json."""
+    for config.json; ``gradient_canaries``: a white-box audit's canaries
+    (:func:`dptrain.trainer.insert_gradient_canaries`; such a run is not resumed)."""
     from .device import resolve
     from .loop import Run, TrainingLoop
     from .models import set_trainable
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
-                          _progress, finish_bookkeeping, fingerprint, optimization,
-                          prepare_out_dir, recipe)
+                          _progress, finish_bookkeeping, fingerprint, insert_gradient_canaries,
+                          optimization, prepare_out_dir, recipe)
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -348,6 +350,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
               scheduler=scheduler, sampler=sampler, dp=dp, dist=None, device=device,
               precision=precision, sample_rate=sample_rate, steps=steps,
               train_fingerprint=train_print, state=state)
+    canary_hook = (None if gradient_canaries is None
+                   else insert_gradient_canaries(gradient_canaries, run))
     if not resume:
         rundir.make_dir(out)
         rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
@@ -378,6 +382,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
 
     loop = TrainingLoop(run, evaluate=evaluate, on_step=on_step, started=started,
                         on_divergence=lambda done, loss: _diverged(out, config, dp, done, loss))
+    if canary_hook is not None:
+        loop.before_release.append(canary_hook)
     if state is not None:
         loop.resume_from(state)
     loop.bar = _progress(progress, total=steps, initial=loop.done, private=dp is not None)

@@ -504,13 +504,15 @@ def train_run(
     if config.task != "intent" or (resume and _saved_task(out) != "intent"):
         from .slot_trainer import train_slots_run
 
-        if gradient_canaries is not None or dist is not None:
-            raise ConfigError("--task joint/slots trains in one process, without white-box "
-                              "audits (not yet).")
+        if dist is not None:
+            raise ConfigError("--task joint/slots trains in one process: drop --nproc / torchrun.")
         return train_slots_run(config, out, resume=resume, progress=progress, on_step=on_step,
-                               data=data, member_ids=member_ids, extra_info=extra_info)
+                               data=data, member_ids=member_ids, extra_info=extra_info,
+                               gradient_canaries=gradient_canaries)
     config, state = _config_and_checkpoint(config, out, resume, data)
-    run, written = _build(config, out, data, state, dist, gradient_canaries, progress)
+    run, written = _build(config, out, data, state, dist, progress)
+    canary_hook = (None if gradient_canaries is None
+                   else insert_gradient_canaries(gradient_canaries, run))
 
     # Everything that can be checked has been (data, model, δ, the reachable ε): now write
     # (rank 0 only, once every rank has checked).
@@ -524,9 +526,8 @@ def train_run(
     loop = TrainingLoop(run, evaluate=evaluate, on_step=on_step, started=started,
                         on_divergence=lambda done, loss: _diverged(out, run.config, run.dp, done,
                                                                    loss, write=run.main))
-    if gradient_canaries is not None and run.dp is None:  # non-private: raw spikes, no noise
-        loop.before_release.append(lambda grads: (gradient_canaries.insert_unclipped(grads),
-                                                  gradient_canaries.observe(grads)))
+    if canary_hook is not None:
+        loop.before_release.append(canary_hook)
     if dist is not None and run.dp is None:  # non-private on K ranks: average, as DDP does
         loop.before_release.append(dist.mean_)
     if state is not None:
@@ -535,6 +536,24 @@ def train_run(
                          private=run.dp is not None)
     loop()
     return _finish(run, loop, started)
+
+
+def insert_gradient_canaries(canaries, run):
+    """A white-box audit's :class:`~dptrain.gradient_canaries.DiracCanaries` into every step of
+    ``run``: through the engine's clipping, sum and noise in a private run (the DP optimizer
+    inserts them; returns None), as raw spikes divided like the loss (by q·N) in a non-private
+    one (returns the loop's ``before_release`` hook that adds them). Intent and joint/slot runs
+    alike: a canary is a coordinate of the trained parameters. Called before anything is
+    written: it refuses more canaries than coordinates."""
+    if run.dp is not None:
+        run.dp.attach_canaries(canaries)
+        return None
+    bound = clip_bound(run.config.max_grad_norm)
+    canaries.bind(run.params, sample_rate=run.sample_rate, steps=run.steps, noise_multiplier=0.0,
+                  sensitivity=1.0 if bound == "auto" else float(bound),
+                  divisor=run.sample_rate * len(run.data.train),
+                  names=[name for name, p in run.model.named_parameters() if p.requires_grad])
+    return lambda grads: (canaries.insert_unclipped(grads), canaries.observe(grads))
 
 
 def _saved_task(out: Path) -> str:
@@ -561,7 +580,7 @@ def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
     return config, None
 
 
-def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries, progress: bool):
+def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     """Data, model, device, recipe, batches, optimizer, DP and sampler: a :class:`~dptrain.loop.
     Run`, every check done and nothing written; and what the run directory will record of them."""
     import torch
@@ -621,14 +640,6 @@ def _build(config: TrainConfig, out: Path, data, state, dist, gradient_canaries,
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, step_optimizer, sampler, dp, scheduler = optimization(
         config, batches.net, params, n, steps, dist)
-    if gradient_canaries is not None and dp is not None:
-        dp.attach_canaries(gradient_canaries)
-    elif gradient_canaries is not None:
-        named = [n_ for n_, p in model.named_parameters() if p.requires_grad]
-        bound = clip_bound(config.max_grad_norm)
-        gradient_canaries.bind(params, sample_rate=sample_rate, steps=steps, noise_multiplier=0.0,
-                               sensitivity=1.0 if bound == "auto" else float(bound),
-                               divisor=sample_rate * n, names=named)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=dist, device=device,
