@@ -293,7 +293,7 @@ def test_curve_rejects_identity_curve_matches_binomial():
 # 4. mechanism_bound: validity by Monte Carlo, non-vacuity, planted bug
 # --------------------------------------------------------------------------- #
 M = 20_000
-TRIALS = 8
+TRIALS = 5
 
 
 @pytest.mark.parametrize("sigma,q,steps", [(2.0, 1.0, 1), (1.0, 0.2, 10)])
