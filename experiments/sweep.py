@@ -30,8 +30,9 @@ Outputs: ``DIR/results.csv`` (one row per cell: ε target and spent, δ, σ, q, 
 macro-F1, worst-class recall and the spread of per-class recall, the negative-flip rate against
 the non-private cell of the same variant and seed, the membership attacks' AUC and TPR at low
 FPR with their empirical ε, the audits' ε lower bounds, exposure and extraction rate per
-repetition count, and seconds per stage), ``DIR/timing.json`` (where the time went), PNG + SVG
-plots and ``DIR/report.html`` (:mod:`experiments.sweep_report`).
+repetition count, and seconds per stage; with ``task: joint`` also slot F1, frame accuracy and
+the worst slot type's F1, ``accuracy`` being the intent accuracy), ``DIR/timing.json`` (where the
+time went), PNG + SVG plots and ``DIR/report.html`` (:mod:`experiments.sweep_report`).
 
 Per test example the sweep keeps only whether each cell got it right
 (``cells/.../private/test_correct.npy``), for the flip rates; nothing about training examples.
@@ -176,10 +177,10 @@ def load_config(source: str | Path | dict) -> SweepConfig:
     if not problems:
         for variant in variants:  # each recipe is checked by TrainConfig itself
             task = {**recipe, **variants[variant]}.get("task", "intent")
-            if task != "intent":  # results.csv, per-class plots and flips read intent metrics
-                problems.append(f"variants.{variant}: task {task!r}: sweeps train intent "
-                                "classifiers only (train, attack and audit joint/slot models "
-                                "one run at a time)")
+            if task == "slots":  # the plots and the reading follow the intent accuracy
+                problems.append(f"variants.{variant}: task 'slots': sweeps train intent "
+                                "classifiers or joint models (task: joint); train, attack and "
+                                "audit a slots-only model one run at a time")
                 continue
             try:
                 TrainConfig(**{"data": str(raw["data"]), "model": str(raw.get("model", "minilm")),
@@ -635,6 +636,8 @@ def per_class_points(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
         if math.isinf(eps) or math.inf not in cfg.epsilons:
             continue
         recipe = cfg.train_config(variant, seed, eps)
+        if recipe.task != "intent":  # per intent class; joint rows carry per slot type F1 instead
+            continue
         key = (recipe.data, recipe.seed, recipe.synthetic_per_intent, recipe.text_column,
                recipe.label_column)
         if key not in sizes:
@@ -681,10 +684,15 @@ def _row(variant, seed, eps, summary, correct) -> dict[str, Any]:
         "variant": variant, "seed": seed, "target_epsilon": eps,
         "epsilon": float(p["epsilon"]), "delta": p.get("delta"),
         "noise_multiplier": p.get("noise_multiplier"), "sample_rate": p.get("sample_rate"),
-        "steps": p.get("steps"), "accuracy": float(m["accuracy"]), "macro_f1": float(m["macro_f1"]),
+        "steps": p.get("steps"), "accuracy": float(m["accuracy"]),
+        "macro_f1": float(m.get("macro_f1", float("nan"))),  # (intent classifiers)
         "worst_class_recall": min(recalls) if recalls else float("nan"),
         "class_recall_spread": (max(recalls) - min(recalls)) if recalls else float("nan"),
         "negative_flip_rate": flips, "seconds": float(summary.seconds),
+        **({"slot_f1": float(m["slot_f1"]), "frame_accuracy": float(m["frame_accuracy"]),
+            "worst_slot_type_f1": min((t["f1"] for t in m.get("per_type", {}).values()
+                                       if t.get("support", 0) > 0), default=float("nan"))}
+           if "slot_f1" in m else {}),  # joint models: accuracy is the intent accuracy
     }
 
 

@@ -2,7 +2,9 @@
 
 Plots, all with seed error bars (mean ± standard deviation over seeds):
 
-- ``accuracy``: test accuracy against ε, the non-private accuracy as a dashed line;
+- ``accuracy``: test accuracy against ε, the non-private accuracy as a dashed line (of a
+  joint intent + slot model: its intent accuracy);
+- ``slot_f1``: a joint model's entity-level slot F1 and frame accuracy against ε, the same way;
 - ``attacks``: the best membership attack's TPR at 1% FPR and its AUC against ε;
 - ``audit``: every empirical ε lower bound against the theoretical ε, with the diagonal a
   correct implementation never crosses;
@@ -35,9 +37,10 @@ REPORT = "report.html"
 BASE_COLUMNS = ("variant", "seed", "target_epsilon", "epsilon", "delta", "noise_multiplier",
                 "sample_rate", "steps", "accuracy", "macro_f1", "worst_class_recall",
                 "class_recall_spread", "negative_flip_rate")
+SLOT_COLUMNS = ("slot_f1", "frame_accuracy", "worst_slot_type_f1")  # joint models only
 ATTACK_COLUMNS = ("mia_best_auc", "mia_tpr_at_0.1%", "mia_tpr_at_1%", "mia_epsilon_lb_cp",
                   "mia_epsilon_lb_gdp", "audit_epsilon_lb", "whitebox_epsilon_lb")
-FIGURES = ("accuracy", "attacks", "audit", "extraction", "per_class")
+FIGURES = ("accuracy", "slot_f1", "attacks", "audit", "extraction", "per_class")
 FILES = (RESULTS, REPORT) + tuple(f"{name}.{fmt}" for name in FIGURES for fmt in ("png", "svg"))
 """Every file a sweep may write at its top level (checked before it starts)."""
 SECONDS_COLUMNS = ("train_seconds", "mia_seconds", "audit_seconds", "whitebox_seconds",
@@ -54,7 +57,8 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     extraction rate per repetition count, and seconds per stage."""
     present = lambda c: any(c in r for r in rows)  # noqa: E731
     extraction = [c for r in _repetitions(rows) for c in (f"exposure_r{r}", f"extracted_r{r}")]
-    return (BASE_COLUMNS + tuple(c for c in ATTACK_COLUMNS if present(c)) + tuple(extraction)
+    return (BASE_COLUMNS + tuple(c for c in SLOT_COLUMNS + ATTACK_COLUMNS if present(c))
+            + tuple(extraction)
             + tuple(c for c in SECONDS_COLUMNS if present(c)))
 
 
@@ -77,6 +81,8 @@ def write_all(outputs, cfg, rows: list[dict[str, Any]], per_class: list[dict[str
 
     write_results(outputs, rows)
     figures = {"accuracy": rendered(accuracy_figure(rows))}
+    if any("slot_f1" in r for r in rows):
+        figures["slot_f1"] = rendered(slot_figure(rows))
     if any("mia_best_auc" in r for r in rows):
         figures["attacks"] = rendered(attacks_figure(rows))
     if any(k in r for r in rows for k in ("mia_epsilon_lb_cp", "audit_epsilon_lb", "whitebox_epsilon_lb")):
@@ -146,6 +152,21 @@ def accuracy_figure(rows: list[dict[str, Any]]):
     ax.set(xlabel="ε (target; δ fixed)", ylabel="test accuracy",
            title="Privacy–utility (mean ± std over seeds)")
     ax.legend(fontsize=8)
+    return fig
+
+
+def slot_figure(rows: list[dict[str, Any]]):
+    """A joint model's slot F1 and frame accuracy against ε (mean ± std over seeds), the
+    non-private lines dashed."""
+    from dptrain.figures import pyplot
+
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "slot_f1", "test slot F1 (entity level)"),
+                           (axes[1], "frame_accuracy", "test frame accuracy")):
+        _errorbars(ax, [r for r in rows if key in r], key)
+        ax.set(xlabel="ε (target; δ fixed)", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Slots: privacy–utility (mean ± std over seeds)")
     return fig
 
 
@@ -270,9 +291,17 @@ def reading(rows: list[dict[str, Any]], per_class: list[dict[str, Any]] | None =
         base = float(np.mean(ref)) if ref else None
         for e, acc in zip(eps, mean):
             cells = [r for r in rows if r["variant"] == variant and r["target_epsilon"] == e]
-            text = f"{variant}: at ε = {e:g} the test accuracy is {acc:.3f}"
+            what = "intent accuracy" if any("slot_f1" in r for r in cells) else "test accuracy"
+            text = f"{variant}: at ε = {e:g} the {what} is {acc:.3f}"
             if base is not None:
                 text += f", {100 * (base - acc):.1f} points below the non-private {base:.3f}"
+            slot = [r["slot_f1"] for r in cells if _number(r.get("slot_f1"))]
+            if slot:
+                slot_ref = [r["slot_f1"] for r in rows if r["variant"] == variant
+                            and math.isinf(r["target_epsilon"]) and _number(r.get("slot_f1"))]
+                text += f"; the slot F1 is {float(np.mean(slot)):.3f}"
+                if slot_ref:
+                    text += f" (non-private {float(np.mean(slot_ref)):.3f})"
             flips = [r["negative_flip_rate"] for r in cells if _number(r.get("negative_flip_rate"))]
             if flips:
                 text += (f"; {100 * float(np.mean(flips)):.1f}% of test examples the non-private "
@@ -328,7 +357,8 @@ def reading(rows: list[dict[str, Any]], per_class: list[dict[str, Any]] | None =
 
 
 SUMMARY_KEYS = (("variant", "variant"), ("seed", "seed"), ("target_epsilon", "ε target"),
-                ("epsilon", "ε spent"), ("accuracy", "accuracy"), ("negative_flip_rate", "flips"),
+                ("epsilon", "ε spent"), ("accuracy", "accuracy"), ("slot_f1", "slot F1"),
+                ("negative_flip_rate", "flips"),
                 ("mia_tpr_at_1%", "MIA TPR@1%"), ("audit_epsilon_lb", "one-run ε≥"),
                 ("whitebox_epsilon_lb", "white-box ε≥"))
 

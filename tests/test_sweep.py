@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from html.parser import HTMLParser
 
@@ -11,7 +12,7 @@ import pytest
 
 from dptrain.cli import main
 from dptrain.outputs import MANIFEST
-from experiments.sweep import load_config, run_sweep
+from experiments.sweep import cell_dir, load_config, run_sweep
 from experiments.sweep_report import BASE_COLUMNS
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -134,12 +135,45 @@ def test_every_config_problem_in_one_line(tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(Exception, match="lr must"):
         load_config({**TINY, "recipe": {"lr": -1.0}})
-    with pytest.raises(Exception, match="sweeps train intent classifiers only"):
-        load_config({**TINY, "recipe": {"task": "joint"}})
+    with pytest.raises(Exception, match="sweeps train intent classifiers or joint models"):
+        load_config({**TINY, "recipe": {"task": "slots"}})
 
 
 ATTACKS = {"mia": {"shadows": 2}, "audit": {"canaries": 20}, "white_box": {"canaries": 2000},
            "extraction": {"secrets": "repetitions=1,8;per_repetition=1;length=2"}}
+
+
+def test_a_sweep_of_joint_models_with_every_attack_and_audit(tmp_path):
+    """task: joint: the cells are intent + slot models; results.csv adds slot F1, frame accuracy
+    and the worst slot type's F1, the report a slot plot and the slot F1 in its reading; the
+    attacks and audits run on the joint cells (secrets in slot values)."""
+    cfg = {**TINY, "recipe": {**TINY["recipe"], "task": "joint", "synthetic_per_intent": 8},
+           "attacks": ATTACKS}
+    out = tmp_path / "sweep"
+    rows = run_sweep(cfg, out, progress=False)
+    assert [r["target_epsilon"] for r in rows] == [math.inf, 4.0]
+    for r in rows:
+        assert 0.0 <= r["worst_slot_type_f1"] <= r["slot_f1"] <= 1.0
+        assert 0.0 <= r["frame_accuracy"] <= r["accuracy"] <= 1.0  # a right frame has a right intent
+        assert math.isnan(r["macro_f1"])
+        assert 0.0 <= r["mia_tpr_at_1%"] <= 1.0 and r["audit_epsilon_lb"] >= 0.0
+        assert 0.0 <= r["exposure_r8"] <= math.log2(100) + 1e-9
+    assert rows[0]["whitebox_epsilon_lb"] >= 3  # ε = ∞: the canaries separate exactly
+    for key in ("whitebox_epsilon_lb", "audit_epsilon_lb", "mia_epsilon_lb_cp"):
+        assert rows[1][key] <= rows[1]["epsilon"]
+    for r in rows:
+        saved = json.loads((cell_dir(out, r["variant"], 0, r["target_epsilon"]) / "config.json").read_text())
+        assert saved["config"]["task"] == "joint"
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert page.check_images() == ["accuracy", "slot_f1", "attacks", "audit", "extraction"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["slot_f1"]) == pytest.approx(rows[1]["slot_f1"])
+    from experiments.sweep_report import reading
+
+    line = reading(rows)[0]
+    assert "the intent accuracy is" in line and f"the slot F1 is {rows[1]['slot_f1']:.3f}" in line
 
 
 def test_a_sweep_with_every_attack_and_audit(tmp_path):
