@@ -636,7 +636,7 @@ def per_class_points(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
         if math.isinf(eps) or math.inf not in cfg.epsilons:
             continue
         recipe = cfg.train_config(variant, seed, eps)
-        if recipe.task != "intent":  # per intent class; joint rows carry per slot type F1 instead
+        if recipe.task != "intent":  # per intent class; joint rows carry the worst slot type F1
             continue
         key = (recipe.data, recipe.seed, recipe.synthetic_per_intent, recipe.text_column,
                recipe.label_column)
