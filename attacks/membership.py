@@ -46,6 +46,7 @@ from attacks import mia
 from attacks.signals import Signals
 from dptrain import rundir
 from dptrain.errors import ConfigError
+from dptrain.features import stored_in
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def balanced_evaluation_set(
     return pick_m, pick_n, how
 
 
+@stored_in("run_dir")  # the encoder outputs the run stored when it trained: not encoded again
 def run_membership_inference(
     run_dir: str | Path,
     out_dir: str | Path | None = None,

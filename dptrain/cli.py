@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     # -v works after the sub-command too (dptrain train -v ...), from one shared definition.
     for command in (*sub.choices.values(), *attack_sub.choices.values()):
         _add_common_flags(command)
+    for command in (train, demo, audit, sweep, mia):
+        command.add_argument(
+            "--feature-cache", type=Path, default=None, metavar="DIR",
+            help="a private directory (created 0700) where the frozen encoder's outputs are "
+            "kept, so that later commands on the same data do not encode it again (default: "
+            "private/features/ of the run, sweep or audit directory; attack mia reads the "
+            "run's). It holds functions of the training data: never share it")
     return parser
 
 
@@ -498,7 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     command = _command_path(args)
     try:
-        return args.handler(args)
+        from .features import feature_store
+
+        with feature_store(getattr(args, "feature_cache", None)):
+            return args.handler(args)
     except DPTrainError as exc:
         message = " ".join(str(exc).split())
         print(f"dptrain {command}: error: {message}", file=sys.stderr)

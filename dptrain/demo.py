@@ -24,7 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .models import MINILM, TINY, minilm_available
+from .encoders import MINILM, available
+from .models import TINY
 from .trainer import TrainConfig
 
 EPSILONS = (math.inf, 8.0, 1.0)
@@ -77,7 +78,7 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
     from .summary import print_rows
 
     out = Path(out)
-    model = model or (MINILM if minilm_available() else TINY)
+    model = model or (MINILM if available(MINILM) else TINY)
     print(f"[demo] {model} on the built-in synthetic intents at ε = ∞, 8, 1: train with planted "
           "secrets, then membership inference, one-run and white-box audits, secret extraction",
           flush=True)

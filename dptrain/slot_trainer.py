@@ -137,11 +137,13 @@ class SlotBatches:
 
 
 def load_encoder(name: str, dropout: float | None = None):
-    """(encoder, tokenizer, pooling) of ``tiny``, ``minilm`` or a local directory."""
+    """(encoder, tokenizer, pooling) of ``tiny``, a packaged encoder (``minilm``, ``mpnet``) or a
+    local directory."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from .models import MINILM, TINY, _QuietHF, _load_encoder, _sentence_transformer_pooling, \
-        minilm_path, refuse_pickled_weights, tiny_tokenizer
+    from .encoders import PACKAGED, packaged_path
+    from .models import TINY, _QuietHF, _load_encoder, _sentence_transformer_pooling, \
+        refuse_pickled_weights, tiny_tokenizer
 
     if name == TINY:
         tokenizer = tiny_tokenizer()
@@ -149,9 +151,9 @@ def load_encoder(name: str, dropout: float | None = None):
                                        num_attention_heads=2, intermediate_size=128,
                                        max_position_embeddings=128), add_pooling_layer=False)
         return encoder, tokenizer, "cls"
-    path = Path(minilm_path() if name == MINILM else name)
+    path = Path(packaged_path(name) if name in PACKAGED else name)
     if not path.is_dir():
-        raise ConfigError(f"model {name!r} not found: give tiny, minilm or a local directory.")
+        raise ConfigError(f"model {name!r} not found: give tiny, minilm, mpnet or a local directory.")
     refuse_pickled_weights(path)
     with _QuietHF():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, add_prefix_space=True)

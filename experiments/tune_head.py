@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dptrain.data import encode, load_intent_data
-from dptrain.features import feature_head, pooled_features
+from dptrain.features import feature_head, feature_store, pooled_features
 from dptrain.models import load_model, set_trainable
 from dptrain.private_training import make_private
 from dptrain.sampling import physical_batches
@@ -36,11 +36,11 @@ from dptrain.sampling import physical_batches
 CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "data_full.json"
 
 
-def features_of(data_source: str, max_length: int = 48, per_intent: int = 80):
+def features_of(data_source: str, max_length: int = 48, per_intent: int = 80, model_name: str = "minilm"):
     from dptrain.data import Split
 
     data = load_intent_data(data_source, seed=0, synthetic_per_intent=per_intent)
-    model, tokenizer = load_model("minilm", data.num_labels, data.label_names)
+    model, tokenizer = load_model(model_name, data.num_labels, data.label_names)
     set_trainable(model, "head")
     feats = {}
     for name, split in data.splits.items():
@@ -123,6 +123,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", default=str(CLINC), help="CLINC150 JSON or 'synthetic'")
+    parser.add_argument("--model", default="minilm", help="encoder: minilm | mpnet | a local path")
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="a feature store to reuse the encoder's outputs across invocations")
+    parser.add_argument("--seeds", default="0", help="noise seeds; each setting's accuracies are averaged")
     parser.add_argument("--epsilons", default="8,1")
     parser.add_argument("--batch-sizes", default="256,512,1024,2048")
     parser.add_argument("--epochs", default="5,10,20")
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.monotonic()
-    model, data, feats = features_of(args.data)
+    with feature_store(args.feature_cache):
+        model, data, feats = features_of(args.data, model_name=args.model)
     print(f"features of {len(feats['train'][1])} train examples in {time.monotonic() - t0:.0f} s", flush=True)
     rows = []
     grid = itertools.product(args.variants.split(","),
@@ -149,9 +154,10 @@ def main(argv=None) -> int:
         kind, _, scale = variant.partition(":")
         options = {"plain": {}, "norm": {"normalize": True},
                    "labelinit": {"normalize": True, "label_init": float(scale or 0)}}[kind]
-        val, test, secs = train_head(model, feats, epsilon=eps, batch_size=batch, epochs=epochs,
-                                     lr=lr, dropout=dropout, **options)
-        rows.append({"variant": variant, "epsilon": eps, "batch_size": batch, "epochs": epochs,
+        runs = [train_head(model, feats, epsilon=eps, batch_size=batch, epochs=epochs, lr=lr,
+                           dropout=dropout, seed=int(seed), **options) for seed in args.seeds.split(",")]
+        val, test, secs = (float(np.mean([r[k] for r in runs])) for k in range(3))
+        rows.append({"model": args.model, "variant": variant, "epsilon": eps, "batch_size": batch, "epochs": epochs,
                      "lr": lr, "head_dropout": dropout, "validation_accuracy": val, "test_accuracy": test, "seconds": secs})
         print(json.dumps(rows[-1]), flush=True)
     best = {}

@@ -169,3 +169,165 @@ def test_encoder_dropout_reaches_every_dropout_layer_and_switches_it_off(encoder
     set_encoder_dropout(model, 0.0)
     model.dropout.p = 0.0
     assert torch.equal(model(**enc).logits, model(**enc).logits)
+
+
+def _count_encoder_calls(monkeypatch, model):
+    calls = []
+    original = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward",
+                        lambda *a, **k: calls.append(len(k["input_ids"])) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("method", ["ghost", "instantiate"])
+def test_the_feature_store_gives_rows_and_clipped_sums_identical_to_fresh_encoding(
+        encoder_dir, tmp_path, monkeypatch, method):
+    """Rows read back from disk (another process: memory forgotten) are the encoded rows bit for
+    bit, encode nothing, and give the same per-sample clipped sums; files are private."""
+    import os
+    import stat
+
+    from dptrain import features
+
+    features.forget()
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, tokenizer = head_model(encoder_dir, data)
+    enc = encode(tokenizer, data.train, 32)
+    store = tmp_path / "store"
+    with features.feature_store(store):
+        fresh = pooled_features(model, enc, tokenizer.pad_token_id, batch_size=7)
+        features.forget()  # what a later process starts with
+        calls = _count_encoder_calls(monkeypatch, model)
+        stored = pooled_features(model, enc, tokenizer.pad_token_id)
+    assert calls == [] and torch.equal(fresh, stored)
+    assert stat.S_IMODE(os.stat(store).st_mode) == 0o700
+    files = list(store.rglob("*.safetensors"))
+    assert files and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    assert all(stat.S_IMODE(os.stat(d).st_mode) == 0o700 for d in store.iterdir() if d.is_dir())
+
+    idx = torch.arange(10)
+    labels = torch.from_numpy(enc.labels[:10].copy())
+    sums = []
+    for x in (fresh, stored):
+        head = feature_head(model)
+        model.zero_grad(set_to_none=True)
+        clipper = PerSampleClipper(head, max_grad_norm=0.05, norm_method=method)
+        head(features=x[idx], labels=labels).loss.backward()
+        sums.append({n: p.grad.clone() for n, p in head.named_parameters()})
+        clipper.detach()
+    assert all(torch.equal(sums[0][n], sums[1][n]) for n in sums[0])
+    features.forget()
+
+
+def test_the_feature_store_reencodes_exactly_what_changed(encoder_dir, tmp_path, monkeypatch, caplog):
+    """Another utterance: that one row is encoded; another encoder: every row, in a folder of
+    its own; a deleted store or an unreadable file: encoded again, with the same values."""
+    import logging
+
+    from dptrain import features
+    from dptrain.data import Split
+
+    features.forget()
+    data = load_intent_data("synthetic", synthetic_per_intent=4, seed=0)
+    model, tokenizer = head_model(encoder_dir, data)
+    enc = encode(tokenizer, data.train, 32)
+    store = tmp_path / "store"
+    calls = _count_encoder_calls(monkeypatch, model)
+    with features.feature_store(store):
+        first = pooled_features(model, enc, tokenizer.pad_token_id)
+        assert sum(calls) == len(enc)
+        texts = list(data.train.texts)
+        texts[3] = texts[3] + " please"
+        changed = encode(tokenizer, Split(tuple(texts), data.train.labels), 32)
+        features.forget()
+        calls.clear()
+        again = pooled_features(model, changed, tokenizer.pad_token_id)
+        assert calls == [1]
+        keep = torch.arange(len(enc)) != 3
+        assert torch.equal(again[keep], first[keep]) and not torch.equal(again[3], first[3])
+
+        with torch.no_grad():
+            model.encoder.encoder.layer[0].output.dense.bias[0] += 0.5  # another encoder
+        features.forget()
+        calls.clear()
+        other = pooled_features(model, enc, tokenizer.pad_token_id)
+        assert sum(calls) == len(enc) and not torch.allclose(other, first)
+        assert len([d for d in store.iterdir() if d.is_dir()]) == 2
+        with torch.no_grad():
+            model.encoder.encoder.layer[0].output.dense.bias[0] -= 0.5
+
+        import shutil
+
+        shutil.rmtree(store)  # deleting the store is safe
+        features.forget()
+        calls.clear()
+        assert torch.equal(pooled_features(model, enc, tokenizer.pad_token_id), first)
+        assert sum(calls) == len(enc)
+        for f in store.rglob("*.safetensors"):
+            f.write_bytes(b"not a safetensors file")
+        features.forget()
+        calls.clear()
+        with caplog.at_level(logging.WARNING, logger="dptrain.features"):
+            assert torch.equal(pooled_features(model, enc, tokenizer.pad_token_id), first)
+        assert sum(calls) == len(enc)
+        assert any("skipping unreadable feature file" in r.message for r in caplog.records)
+    features.forget()
+
+
+def test_token_states_come_back_from_the_store_exactly(encoder_dir, tmp_path, monkeypatch):
+    from dptrain import features
+    from dptrain.features import token_states
+    from dptrain.models import _load_encoder
+
+    features.forget()
+    encoder = _load_encoder(encoder_dir).double()
+    ids = [[2, 7, 9, 3], [2, 11, 3], [2, 5, 6, 8, 10, 3]]
+    with features.feature_store(tmp_path / "store"):
+        for layers in (1, 2):
+            fresh = token_states(encoder, ids, [len(i) for i in ids], 0, tag_layers=layers)
+            features.forget()
+            monkeypatch.setattr(encoder, "forward", lambda *a, **k: pytest.fail("encoded again"))
+            stored = token_states(encoder, ids, [len(i) for i in ids], 0, tag_layers=layers)
+            monkeypatch.undo()
+            for (a, b), (c, d) in zip(fresh, stored):
+                assert torch.equal(a, c) and torch.equal(b, d)
+            assert layers == 1 or not torch.equal(fresh[0][0], fresh[0][1])
+    features.forget()
+
+
+def test_a_run_keeps_its_features_and_a_later_command_reuses_them(encoder_dir, tmp_path, monkeypatch):
+    """``train`` stores the encoder outputs in its run directory's private/features; a second
+    process (memory forgotten) that opens that store encodes nothing."""
+    from transformers.models.bert import modeling_bert
+
+    from dptrain import TrainConfig, features, train_run
+    from dptrain.cli import main
+
+    features.forget()
+    config = TrainConfig(model=str(encoder_dir), trainable="head", data="synthetic",
+                         synthetic_per_intent=8, epochs=1, batch_size=16, dp_seed=0)
+    train_run(config, tmp_path / "a", progress=False)
+    assert list((tmp_path / "a" / "private" / "features").rglob("*.safetensors"))
+    features.forget()
+    calls = []
+    original = modeling_bert.BertModel.forward
+    monkeypatch.setattr(modeling_bert.BertModel, "forward",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert main(["train", "--model", str(encoder_dir), "--trainable", "head", "--data", "synthetic",
+                 "--synthetic-per-intent", "8", "--epochs", "1", "--batch-size", "16", "--quiet",
+                 "--feature-cache", str(tmp_path / "a" / "private" / "features"),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert calls == []
+    assert not (tmp_path / "b" / "private" / "features").exists()  # the named store served it
+    features.forget()
+
+
+def test_a_feature_cache_that_cannot_be_a_directory_is_one_line(tmp_path, capsys):
+    from dptrain.cli import main
+
+    (tmp_path / "file").write_text("x")
+    code = main(["train", "--model", "tiny", "--feature-cache", str(tmp_path / "file"),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "feature store" in err[0]
+    assert not (tmp_path / "run").exists()
