@@ -188,6 +188,9 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
 
     from attacks.canaries import insert_canaries
 
+    from dptrain.encoders import resolve_model
+
+    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
     options = options or AuditRunOptions()
     outputs = OutputDir(out_dir, COMMAND)
     check_new_audit_dir(outputs)

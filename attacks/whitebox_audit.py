@@ -203,6 +203,9 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
     from dptrain.gradient_canaries import DiracCanaries
     from dptrain.trainer import train_run
 
+    from dptrain.encoders import resolve_model
+
+    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
     options = options or WhiteBoxOptions()
     outputs = OutputDir(out_dir, COMMAND)
     check_new_audit_dir(outputs, resumable=False)

@@ -24,7 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .encoders import MINILM, available
+from .encoders import AUTO, resolve_model
+from .errors import ModelError
 from .models import TINY
 from .trainer import TrainConfig
 
@@ -33,14 +34,15 @@ COMMAND = "dptrain demo"
 
 
 def demo_config(model: str, quick: bool) -> TrainConfig:
-    """The demo's recipe: AdamW, automatic clipping, Poisson batches; head-only for MiniLM."""
+    """The demo's recipe: AdamW, automatic clipping, Poisson batches; head-only for a packaged
+    encoder."""
     if quick:
         return TrainConfig(data="synthetic", model=model, synthetic_per_intent=30, epochs=2.0,
                            batch_size=64, lr=2e-3, delta=1e-5, seed=0)
     if model == TINY:
         return TrainConfig(data="synthetic", model=model, synthetic_per_intent=120, epochs=8.0,
                            batch_size=256, lr=3e-3, delta=1e-5, seed=0)
-    # MiniLM: exactly what `dptrain train` does with no flags (the head of the mean-pooled
+    # mpnet or MiniLM: exactly what `dptrain train` does with no flags (the head of the mean-pooled
     # encoder on cached features, trainer.recipe's batch, epochs and lr): the demo shows the default.
     return TrainConfig(data="synthetic", model=model, synthetic_per_intent=80, delta=1e-5, seed=0)
 
@@ -78,7 +80,11 @@ def run_demo(out: Path, model: str | None = None, quick: bool = False, progress:
     from .summary import print_rows
 
     out = Path(out)
-    model = model or (MINILM if available(MINILM) else TINY)
+    if model is None or model == AUTO:  # the trainer's default encoder, else the test model
+        try:
+            model = resolve_model(AUTO)
+        except ModelError:
+            model = TINY
     print(f"[demo] {model} on the built-in synthetic intents at ε = ∞, 8, 1: train with planted "
           "secrets, then membership inference, one-run and white-box audits, secret extraction",
           flush=True)

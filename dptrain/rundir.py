@@ -7,6 +7,8 @@ DIR/privacy.json     epsilon spent, target_epsilon, delta, noise_multiplier, sam
 DIR/metrics.json     test accuracy, macro-F1, per-class precision/recall/F1
 DIR/private/members.json  which examples were trained on (indices into the population), for
                      attacks only: never share it (it names exactly what DP protects)
+DIR/private/features/  the frozen encoder's outputs (dptrain.features), so that later commands
+                     on the same data do not encode it again; never share it, deleting it is safe
 DIR/curves.json      training curves; DIR/curves.png the same as a figure
 DIR/model/           the fine-tuned classifier and its tokenizer (HF save_pretrained, safetensors)
 DIR/checkpoint/      while training: weights, optimizer and ledger state for --resume
@@ -53,7 +55,8 @@ privacy.json    epsilon spent, delta, noise multiplier, sampling rate, steps, ac
 metrics.json    test accuracy, macro-F1, per-class precision/recall/F1
 config.json     the recipe and the data it saw
 curves.json/png training curves (loss, validation accuracy, epsilon spent)
-private/        for attacks only: members.json names the training examples. Never share it.
+private/        for attacks only: members.json names the training examples, features/ holds
+                the encoder's outputs for reuse (deleting it is safe). Never share it.
 checkpoint/     only while training: what --resume needs
 """
 CURVES = "curves.json"

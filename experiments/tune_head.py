@@ -39,7 +39,12 @@ CLINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150" / "
 def features_of(data_source: str, max_length: int = 48, per_intent: int = 80, model_name: str = "minilm"):
     from dptrain.data import Split
 
-    data = load_intent_data(data_source, seed=0, synthetic_per_intent=per_intent)
+    if Path(data_source).is_dir() and any(Path(data_source).glob("train_*_full.json")):
+        from dptrain.slot_data import as_intent_data, load_slot_data  # SNIPS: its intents alone
+
+        data = as_intent_data(load_slot_data(data_source, seed=0))
+    else:
+        data = load_intent_data(data_source, seed=0, synthetic_per_intent=per_intent)
     model, tokenizer = load_model(model_name, data.num_labels, data.label_names)
     set_trainable(model, "head")
     feats = {}
@@ -122,7 +127,7 @@ def train_head(model, feats, *, epsilon, batch_size, epochs, lr, seed=0, delta=1
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", default=str(CLINC), help="CLINC150 JSON or 'synthetic'")
+    parser.add_argument("--data", default=str(CLINC), help="CLINC150 JSON, the SNIPS directory (its intents) or 'synthetic'")
     parser.add_argument("--model", default="minilm", help="encoder: minilm | mpnet | a local path")
     parser.add_argument("--feature-cache", type=Path, default=None,
                         help="a feature store to reuse the encoder's outputs across invocations")
@@ -134,7 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dropouts", default="0", help="head dropout values to try")
     parser.add_argument("--variants", default="plain",
                         help="comma-separated: plain, norm (L2-normalized features), "
-                        "labelinit:S (normalized features, head = S × label-name embeddings)")
+                        "labelinit:S (normalized features, head = S × label-name embeddings), "
+                        "labelraw:S (the same start, features as they are)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.monotonic()
@@ -153,7 +159,8 @@ def main(argv=None) -> int:
             continue
         kind, _, scale = variant.partition(":")
         options = {"plain": {}, "norm": {"normalize": True},
-                   "labelinit": {"normalize": True, "label_init": float(scale or 0)}}[kind]
+                   "labelinit": {"normalize": True, "label_init": float(scale or 0)},
+                   "labelraw": {"label_init": float(scale or 0)}}[kind]
         runs = [train_head(model, feats, epsilon=eps, batch_size=batch, epochs=epochs, lr=lr,
                            dropout=dropout, seed=int(seed), **options) for seed in args.seeds.split(",")]
         val, test, secs = (float(np.mean([r[k] for r in runs])) for k in range(3))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dptrain.features import feature_store
 from dptrain.trainer import TrainConfig, train_run
 from experiments.quality_clinc import parse_overrides
 
@@ -33,11 +34,15 @@ def main(argv=None) -> int:
     parser.add_argument("--epsilons", default="8")
     parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="the token states' store, kept across invocations "
+                        "(default: OUT's name + '-features' beside it)")
     args = parser.parse_args(argv)
     base = dataclasses.replace(BASE, **parse_overrides(args.set, BASE))
     axes = [(g.split("=", 1)[0], g.split("=", 1)[1].split(",")) for g in args.grid]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    store = args.feature_cache or args.out.with_name(args.out.stem + "-features")
+    with tempfile.TemporaryDirectory() as tmp, feature_store(store):
         for eps in [float(e) for e in args.epsilons.split(",")]:
             for values in itertools.product(*[v for _, v in axes]):
                 sets = [f"{name}={v}" for (name, _), v in zip(axes, values)]

@@ -54,7 +54,7 @@ def tiny_model(kind: str, num_labels: int = 5, dtype=torch.float64) -> nn.Module
     """A 2-layer, hidden-32 random classifier of one HF family, dropout off (for exact references)."""
     from transformers import (
         BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-        RobertaConfig, RobertaForSequenceClassification,
+        MPNetConfig, MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
     )
     torch.manual_seed(0)
     common = dict(vocab_size=100, num_labels=num_labels)
@@ -65,6 +65,11 @@ def tiny_model(kind: str, num_labels: int = 5, dtype=torch.float64) -> nn.Module
             **common))
     elif kind == "roberta":
         model = RobertaForSequenceClassification(RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            pad_token_id=1, **common))
+    elif kind == "mpnet":  # all-mpnet-base-v2's family: relative position buckets in attention
+        model = MPNetForSequenceClassification(MPNetConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             pad_token_id=1, **common))
@@ -80,7 +85,7 @@ def tiny_model(kind: str, num_labels: int = 5, dtype=torch.float64) -> nn.Module
 def padded_batch(kind: str, batch_size: int = 6, seq_len: int = 12, seed: int = 0):
     """Random ids with per-row lengths, right-padded with the family's pad id, and labels."""
     gen = torch.Generator().manual_seed(seed)
-    pad = 1 if kind == "roberta" else 0
+    pad = 1 if kind in ("roberta", "mpnet") else 0
     ids = torch.randint(3, 100, (batch_size, seq_len), generator=gen)
     ids[:, 3] = ids[:, 1]  # a repeated id inside each sample (embedding rows shared within a sample)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)

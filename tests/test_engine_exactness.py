@@ -1,6 +1,6 @@
 """Per-sample norms and clipped sums of the engine against a per-example loop (the oracle).
 
-Tiny random BERT, RoBERTa and GPT-2 classifiers with padding and attention masks, every norm
+Tiny random BERT, RoBERTa, MPNet and GPT-2 classifiers with padding and attention masks, every norm
 method, float32 and float64: the engine's per-sample norms and its clipped sum (noise off) must
 equal one ordinary backward pass per example to 1e-5 relative.
 """
@@ -24,11 +24,13 @@ def engine_result(model, batch, max_grad_norm, **kwargs):
     return norms
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "gpt2", "mpnet"])
 @pytest.mark.parametrize("method", ["auto", "ghost", "instantiate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_norms_and_clipped_sum_match_per_example_loop(kind, method, dtype):
     model = tiny_model(kind, dtype=dtype)
+    if kind == "mpnet":  # its relative-position table is refused (next test); the rest is exact
+        model.mpnet.encoder.relative_attention_bias.weight.requires_grad_(False)
     batch = padded_batch(kind)
     ref = per_example_grads(model, lambda i: model(**row(batch, i)).loss, len(batch["labels"]))
     ref_norms = norms_of(ref)
@@ -40,6 +42,18 @@ def test_norms_and_clipped_sum_match_per_example_loop(kind, method, dtype):
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
     assert (ref_norms > max_grad_norm).sum() >= 2  # clipping is exercised, not bypassed
     assert_grads_close(model, expected, rtol=1e-5)
+
+
+def test_mpnets_shared_relative_position_table_is_refused_not_clipped_wrongly():
+    """MPNet looks its relative-position biases up once per batch ([T, T] buckets) and expands
+    them over the samples: no per-sample input to clip by. Training it is refused in one line;
+    heads, last-K blocks, BitFit and LoRA never train it."""
+    from dptrain import ModelError
+
+    model = tiny_model("mpnet")
+    batch = padded_batch("mpnet")
+    with pytest.raises(ModelError, match="relative_attention_bias .* does not split by sample"):
+        engine_result(model, batch, 1.0)
 
 
 def test_padding_does_not_change_a_samples_gradient():
