@@ -285,6 +285,8 @@ def cache_inputs(target: TargetRun, seed: int = 0) -> dict[str, Any]:
     """What the cache key is computed from (also written to cache.json)."""
     config = target.config.to_dict()
     recipe = {name: config[name] for name in RECIPE_FIELDS}
+    if config.get("head_init", "random") != "random":  # (random-start caches keep their keys)
+        recipe["head_init"], recipe["head_init_scale"] = config["head_init"], config["head_init_scale"]
     if target.task != "intent":  # (intent caches keep the keys they had before slot models)
         recipe["task"] = target.task
         from dptrain.trainer import SLOT_FIELDS_BEFORE

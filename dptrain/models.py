@@ -468,3 +468,42 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
     return model
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def label_text(name: str) -> str:
+    """A label name as words: ``book_flight`` → ``book flight``, ``AddToPlaylist`` → ``add to
+    playlist`` (what a sentence encoder reads best)."""
+    return " ".join(_CAMEL.sub(" ", str(name)).replace("_", " ").replace("-", " ").split()).lower()
+
+
+def has_word_labels(label_names: Sequence[str]) -> bool:
+    """Whether label names say something an encoder can read: every name holds a letter (not
+    ids such as ``0``, ``1``, ``2``)."""
+    return all(any(c.isalpha() for c in str(n)) for n in label_names)
+
+
+@torch.no_grad()
+def init_head_from_labels(model: nn.Module, tokenizer, label_names: Sequence[str], scale: float,
+                          max_length: int = 32) -> None:
+    """Start a mean-pooling classifier's head at ``scale`` × the unit-norm encoder embedding of
+    each label's name (bias 0): a zero-shot prior that DP-SGD then refines.
+
+    Uses only the label names (the model's public output schema, released in its config) and
+    the public encoder: no training example is read, so the start costs no privacy.
+    """
+    from .data import Split, encode
+    from .features import pooled_features
+
+    if not isinstance(model, MeanPoolingClassifier):
+        raise ConfigError("head_init 'labels' needs a mean-pooling classifier (a sentence encoder).")
+    texts = tuple(label_text(n) for n in label_names)
+    import numpy as np
+
+    enc = encode(tokenizer, Split(texts, np.arange(len(texts))), max_length)
+    emb = pooled_features(model, enc, tokenizer.pad_token_id)
+    weight = model.classifier.weight
+    weight.copy_(scale * nn.functional.normalize(emb.to(weight.dtype), dim=-1).to(weight.device))
+    model.classifier.bias.zero_()

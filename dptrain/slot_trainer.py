@@ -314,6 +314,9 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     if trainable == "auto":  # as for intents: the heads of a pretrained encoder, all of tiny
         trainable = "all" if config.model == "tiny" else "head"
     given = {k: getattr(config, k) is not None for k in ("epochs", "lr", "batch_size")}
+    if config.head_init == "labels":
+        raise ConfigError("--head-init labels starts an intent classifier's head; joint and slot "
+                          "models start theirs at random.")
     config = recipe(config, trainable, n, mean_pooling=True)
     if trainable == "head" and not given["epochs"]:
         config = dataclasses.replace(config, epochs=JOINT_HEAD_EPOCHS)

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The slot-model fields added after the first joint/slot runs, and what those runs did.
 SLOT_FIELDS_BEFORE = {"tag_scheme": "bio", "tag_layers": 1, "intent_tag_bias": "off"}
+# Fields added later for every task, and what earlier runs did.
+FIELDS_BEFORE = {"head_init": "random"}
 
 
 def _positive(name, value, kind=float, allow_inf=False):
@@ -110,6 +112,12 @@ class TrainConfig:
     head_dropout: float | None = field(default=None, metadata={
         "help": "dropout on the pooled features before the head of a mean-pooling model",
         "default_text": "0 for the head recipe, else 0.1"})
+    head_init: str = field(default="auto", metadata={
+        "help": "how the head of a mean-pooling model starts: labels (scale x the encoder's "
+                "unit embedding of each label's name: a zero-shot prior from the public label "
+                "schema, no training data read) | random | auto (see README 'Defaults')"})
+    head_init_scale: float = field(default=3.0, metadata={
+        "help": "the scale of --head-init labels (the norm of each head row at the start)"})
     max_length: int = field(default=64, metadata={"help": "truncate utterances to this many tokens"})
     secrets: str | None = field(default=None, metadata={
         "help": "plant secret canaries for 'dptrain attack extract': a JSON/YAML spec file or "
@@ -177,6 +185,9 @@ class TrainConfig:
         if self.intent_tag_bias not in ("auto", "on", "off"):
             raise ConfigError(f"intent_tag_bias must be one of auto, on, off, got "
                               f"{self.intent_tag_bias!r}.")
+        if self.head_init not in ("auto", "labels", "random"):
+            raise ConfigError(f"head_init must be one of auto, labels, random, got {self.head_init!r}.")
+        _positive("head_init_scale", self.head_init_scale)
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
@@ -196,7 +207,9 @@ class TrainConfig:
     def saved(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config a run directory (or audit) recorded: :meth:`from_dict`, with the fields added
         since then read as what those runs did (joint/slot runs before ``tag_scheme``: BIO;
-        before ``tag_layers`` and ``intent_tag_bias``: the last state, no bias)."""
+        before ``tag_layers`` and ``intent_tag_bias``: the last state, no bias; before
+        ``head_init``: a random head)."""
+        values = {**FIELDS_BEFORE, **values}
         if values.get("task", "intent") != "intent":
             values = {**SLOT_FIELDS_BEFORE, **values}
         return cls.from_dict(values)
@@ -220,7 +233,7 @@ class TrainConfig:
 
 
 def recipe(config: TrainConfig, trainable: str, num_examples: int,
-           mean_pooling: bool = True) -> TrainConfig:
+           mean_pooling: bool = True, word_labels: bool = False) -> TrainConfig:
     """The config with every 'auto' choice made, from public evidence only (README, "Defaults").
 
     * ``trainable``: the head of a pretrained encoder (DP noise lands on every trained
@@ -234,6 +247,8 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
       regularizes, and dropout 0.1 cost 0.6–2 points at ε = 1 on CLINC150 validation (0.832
       vs 0.838 through the engine; 0.833 vs 0.853 over 4 seeds of a closed-form simulation).
     * everything else: batch 256 (capped at N/4), 3 epochs, lr 1e-3, head dropout 0.1.
+    * ``head_init`` auto: ``HEAD_INIT_AUTO`` for the head recipe of a mean-pooling model whose
+      labels are words (``word_labels``), else random.
 
     ``head_dropout`` exists for mean-pooling models only; other models keep their own.
     """
@@ -248,10 +263,13 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
         lr=config.lr if config.lr is not None else (HEAD_LR if head else 1e-3),
         head_dropout=(config.head_dropout if config.head_dropout is not None or not mean_pooling
                       else 0.0 if head else 0.1),
+        head_init=(config.head_init if config.head_init != "auto" else
+                   HEAD_INIT_AUTO if head and mean_pooling and word_labels else "random"),
     )
 
 
 HEAD_BATCH, HEAD_EPOCHS, HEAD_LR = 2048, 40.0, 3e-2
+HEAD_INIT_AUTO = "random"
 
 
 def set_encoder_dropout(model, p: float) -> None:
@@ -607,7 +625,8 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     from .device import resolve
     from .features import cacheable
     from .loop import Run
-    from .models import TINY, MeanPoolingClassifier, apply_lora, load_model, set_trainable
+    from .models import TINY, MeanPoolingClassifier, apply_lora, has_word_labels, \
+        init_head_from_labels, load_model, set_trainable
 
     torch.manual_seed(config.seed)
     if data is None:
@@ -629,12 +648,16 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     trainable = config.trainable
     if trainable == "auto":
         trainable = "all" if config.model == TINY else "head"
-    config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier))
+    config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier),
+                    word_labels=has_word_labels(data.label_names))
     if config.trainable == "lora":
         apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
         model.to(device)
     n_trainable = set_trainable(model, config.trainable)
     set_head_dropout(model, config.head_dropout)  # refuses a value given for another model
+    if config.head_init == "labels" and state is None:  # (a resumed run loads its weights)
+        init_head_from_labels(model, tokenizer, data.label_names, config.head_init_scale,
+                              config.max_length)
     if config.dropout is not None:
         set_encoder_dropout(model, config.dropout)
     n_natural = len(data.train)

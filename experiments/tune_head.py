@@ -29,7 +29,7 @@ import torch
 
 from dptrain.data import encode, load_intent_data
 from dptrain.features import feature_head, feature_store, pooled_features
-from dptrain.models import load_model, set_trainable
+from dptrain.models import label_text, load_model, set_trainable
 from dptrain.private_training import make_private
 from dptrain.sampling import physical_batches
 
@@ -51,7 +51,7 @@ def features_of(data_source: str, max_length: int = 48, per_intent: int = 80, mo
     for name, split in data.splits.items():
         enc = encode(tokenizer, split, max_length)
         feats[name] = (pooled_features(model, enc, tokenizer.pad_token_id), torch.from_numpy(enc.labels.copy()))
-    names = [str(n).replace("_", " ") for n in data.label_names]  # public schema, not data
+    names = [label_text(n) for n in data.label_names]  # public schema, not data: as the trainer reads it
     label_split = Split(tuple(names), np.arange(len(names)))
     label_enc = encode(tokenizer, label_split, max_length)
     feats["label_names"] = (pooled_features(model, label_enc, tokenizer.pad_token_id), None)

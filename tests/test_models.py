@@ -109,3 +109,59 @@ def test_head_only_classifier_refers_to_its_frozen_encoder_by_hash(encoder_dir, 
     changed.save_pretrained(encoder_dir)
     with pytest.raises(ModelError, match="not the one this classifier was trained on"):
         load_trained(out)
+
+
+def test_label_names_read_as_words():
+    from dptrain.models import has_word_labels, label_text
+
+    assert [label_text(n) for n in ("AddToPlaylist", "book_flight", "meaning-of-life", "HTTPError")] \
+        == ["add to playlist", "book flight", "meaning of life", "http error"]
+    assert has_word_labels(["alarm", "book_flight"]) and not has_word_labels(["0", "1", "x2"][:2])
+
+
+def test_a_label_start_puts_each_names_unit_embedding_times_the_scale_in_the_head(encoder_dir):
+    """Row c = scale × f(name_c)/‖f(name_c)‖, f the frozen encoder's mean-pooled state of the
+    label's name read as words; bias 0."""
+    import numpy as np
+
+    from dptrain.data import Split, collate, encode
+    from dptrain.models import init_head_from_labels, load_model
+
+    names = ("book_flight", "AddToPlaylist", "alarm")
+    model, tokenizer = load_model(str(encoder_dir), 3, names)
+    model.double().eval()
+    init_head_from_labels(model, tokenizer, names, scale=2.5)
+    enc = encode(tokenizer, Split(("book flight", "add to playlist", "alarm"), np.arange(3)), 32)
+    batch = collate(enc, np.arange(3), tokenizer.pad_token_id)
+    with torch.no_grad():
+        states = model.encoder(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).double()
+        pooled = (states * mask).sum(1) / mask.sum(1)
+    expected = 2.5 * pooled / pooled.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(model.classifier.weight, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(model.classifier.bias, torch.zeros(3, dtype=torch.float64))
+    assert float(model.classifier.weight.detach().norm(dim=-1).sub(2.5).abs().max()) < 1e-9
+
+
+def test_head_init_is_recorded_resolved_and_refused_where_it_cannot_apply(encoder_dir, tmp_path):
+    from dptrain import ConfigError, TrainConfig, train_run
+    from dptrain.trainer import recipe
+
+    config = TrainConfig(model=str(encoder_dir), data="synthetic", synthetic_per_intent=6,
+                         epochs=1, batch_size=16, dp_seed=0, head_init="labels")
+    summary = train_run(config, tmp_path / "run", progress=False)
+    import json
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["head_init"] == "labels" and summary.privacy["epsilon"] <= 8
+    base = TrainConfig(model="x")
+    assert recipe(base, "head", 800, True, word_labels=False).head_init == "random"
+    assert recipe(base, "all", 800, True, word_labels=True).head_init == "random"
+    assert TrainConfig.saved({"model": "minilm"}).head_init == "random"  # runs before the field
+    with pytest.raises(ConfigError, match="head_init must be one of"):
+        TrainConfig(head_init="zero")
+    with pytest.raises(ConfigError, match="joint and slot models start theirs at random"):
+        train_run(TrainConfig(model=str(encoder_dir), data="synthetic", task="joint",
+                              head_init="labels"), tmp_path / "joint", progress=False)
+    assert not (tmp_path / "joint").exists()
