@@ -429,7 +429,7 @@ def build_report(privacy: dict[str, Any], canaries, phi: np.ndarray, options: Au
     one_run = {**result.to_dict(), "score": "phi", "k_grid": grid,
                "guess_fractions": list(options.guess_fractions)}
 
-    gdp_delta = delta if private else _default_delta(int(privacy.get("num_examples") or m))
+    gdp_delta = delta if private else _default_delta(int(privacy.get("dataset_size") or privacy.get("num_examples") or m))
     threshold_audits = _threshold_audits(phi, included, options, delta, gdp_delta)
 
     if not private:

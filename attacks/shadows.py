@@ -183,7 +183,10 @@ def load_target(run_dir: str | Path, tasks: Sequence[str] = TASKS) -> TargetRun:
             seed=config.seed, synthetic_per_intent=config.synthetic_per_intent)
         as_split = data.splits
     train_print = fingerprint(as_split["train"].texts, as_split["train"].labels)
-    if recorded.get("train_fingerprint") != train_print:
+    members_file = run / rundir.MEMBERS  # (runs before the private size kept it in config.json)
+    kept = rundir.read_json(members_file) if members_file.exists() else {}
+    recorded_print = kept.get("train_fingerprint") if isinstance(kept, dict) else None
+    if (recorded_print or recorded.get("train_fingerprint")) != train_print:
         raise DataError(
             f"the data of {run} changed since training: {config.data!r} no longer gives the "
             "training set the run saw (fingerprint mismatch); attacks need the very same data."

@@ -250,7 +250,7 @@ def build_report(privacy: dict[str, Any], canaries, scores: dict[str, np.ndarray
     """report.json from the run's privacy record and the canaries' scores."""
     private = bool(privacy.get("private"))
     claimed = float(privacy["epsilon"]) if private else math.inf
-    n = int(privacy.get("num_examples") or 1)
+    n = int(privacy.get("dataset_size") or privacy.get("num_examples") or 1)  # (older runs)
     delta = float(privacy["delta"]) if private else min(1e-5, 1.0 / (10 * n))
     fractions = plan_guesses(canaries.m, noise_multiplier=float(privacy["noise_multiplier"] or 0.0),
                              sample_rate=float(privacy["sample_rate"]), steps=int(privacy["steps"]))

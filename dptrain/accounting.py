@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -62,31 +62,74 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(segment) for segment in history]
-    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": ε is still valid
-        warnings.simplefilter("ignore", UserWarning)
-        return float(acc.get_epsilon(delta=delta))
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha"
+        return float(acc.get_epsilon(delta=delta))  # (and PRV's log(1 − q) at q = 1: exact)
 
 
 def epsilon_after(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+    prior: Sequence = (),
 ) -> float:
-    """ε of ``steps`` DP-SGD steps at (σ, q), at δ."""
+    """ε of ``steps`` DP-SGD steps at (σ, q), at δ, after the ``prior`` segments (a run's
+    ``privacy.json`` ``prior``: the count of its dataset size)."""
     validate_budget(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
-    return _epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
+    segments = [(float(s), float(q), int(n)) for s, q, n in prior]
+    return _epsilon([*segments, (noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-    accountant: str = "prv", tolerance: float = 0.01,
+    accountant: str = "prv", tolerance: float = 0.01, spent: Sequence = (),
 ) -> float:
     """The smallest σ (to ``tolerance`` in ε) whose ε after ``steps`` steps is ≤ the target.
 
     Opacus' bisection (``get_noise_multiplier``) with the same accountant that reports ε.
+    ``spent``: segments (σ, q, steps) already composed before these steps (the DP count of the
+    dataset size, :mod:`dptrain.release`): σ is then bisected on the composition of both.
     """
     validate_budget(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                     accountant=accountant)
-    return _calibrated(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                       accountant, float(tolerance))
+    spent = tuple((float(s), float(q), int(n)) for s, q, n in spent)
+    if not spent:
+        return _calibrated(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                           accountant, float(tolerance))
+    return _calibrated_after(spent, float(target_epsilon), float(delta), float(sample_rate),
+                             int(steps), accountant, float(tolerance))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated_after(spent: tuple, target_epsilon: float, delta: float, sample_rate: float,
+                      steps: int, accountant: str, tolerance: float) -> float:
+    """Bisection on σ of ε(spent + (σ, q, steps)), as Opacus bisects without ``spent``: the
+    upper end is doubled until it meets the target, then halved until ε is within ``tolerance``
+    below it."""
+    def eps(sigma: float) -> float:
+        return _epsilon([*spent, (sigma, sample_rate, steps)], delta, accountant)
+
+    if _epsilon(list(spent), delta, accountant) >= target_epsilon:
+        raise ConfigError(f"the dataset-size count alone spends the target epsilon "
+                          f"{target_epsilon} at delta {delta}; raise epsilon or declare the size.")
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ConfigError(
+                f"target epsilon {target_epsilon} cannot be reached at delta {delta} with {steps} "
+                f"steps at sample rate {sample_rate:.4g} (noise multiplier would exceed 1e6); raise "
+                "epsilon or lower the number of steps.")
+    for _ in range(100):  # eps(high) <= target throughout
+        middle = (low + high) / 2
+        value = eps(middle)
+        if value > target_epsilon:
+            low = middle
+            continue
+        high = middle
+        if value >= target_epsilon - tolerance:
+            break
+    return high
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,8 +157,10 @@ class PrivacyLedger:
     """What has been spent: segments (σ, q, steps) composed by one accountant, at one δ.
 
     ``check_step`` before releasing a noisy gradient, ``record_step`` after; ``epsilon()`` at any
-    time. The state survives restarts through ``state_dict``/``load_state_dict``, so a resumed run
-    keeps the ε it already spent.
+    time. ``prior``: releases made before training (the Gaussian count of the dataset size, as
+    a segment (σ, 1, 1)), composed with the steps but not counted among them. The state survives
+    restarts through ``state_dict``/``load_state_dict``, so a resumed run keeps the ε it already
+    spent.
     """
 
     def __init__(self, *, delta: float, accountant: str = "prv", target_epsilon: float | None = None):
@@ -125,6 +170,7 @@ class PrivacyLedger:
         self.accountant = accountant
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.history: list[tuple[float, float, int]] = []
+        self.prior: list[tuple[float, float, int]] = []
         self._allowed: tuple[tuple[float, float], int] | None = None  # ((σ, q), steps known in budget)
 
     @property
@@ -133,11 +179,12 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the ledger's δ)."""
-        return _epsilon(self.history, self.delta if delta is None else delta, self.accountant)
+        return _epsilon(self.prior + self.history, self.delta if delta is None else delta,
+                        self.accountant)
 
     def epsilon_if(self, noise_multiplier: float, sample_rate: float, more_steps: int) -> float:
         """ε after ``more_steps`` further steps at (σ, q)."""
-        return _epsilon(_extend(self.history, noise_multiplier, sample_rate, more_steps),
+        return _epsilon(self.prior + _extend(self.history, noise_multiplier, sample_rate, more_steps),
                         self.delta, self.accountant)
 
     def reserve(self, noise_multiplier: float, sample_rate: float, more_steps: int) -> float:
@@ -175,6 +222,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "history": [list(segment) for segment in self.history],
+            "prior": [list(segment) for segment in self.prior],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,17 +232,22 @@ class PrivacyLedger:
                 f"saved privacy ledger is for accountant {state.get('accountant')!r} at delta "
                 f"{state.get('delta')}, but this run uses {self.accountant!r} at delta {self.delta}."
             )
-        history = []
-        for segment in state.get("history", []):
-            if (
-                not isinstance(segment, (list, tuple)) or len(segment) != 3
-                or not float(segment[0]) > 0 or not 0 < float(segment[1]) <= 1
-                or int(segment[2]) != segment[2] or int(segment[2]) < 1
-            ):
-                raise ConfigError(f"saved privacy ledger has an invalid segment {segment!r}.")
-            history.append((float(segment[0]), float(segment[1]), int(segment[2])))
-        self.history = history
+        self.history = _segments(state.get("history", []))
+        self.prior = _segments(state.get("prior", []))  # (none in ledgers saved before the count)
         self._allowed = None
+
+
+def _segments(saved) -> list[tuple[float, float, int]]:
+    segments = []
+    for segment in saved:
+        if (
+            not isinstance(segment, (list, tuple)) or len(segment) != 3
+            or not float(segment[0]) > 0 or not 0 < float(segment[1]) <= 1
+            or int(segment[2]) != segment[2] or int(segment[2]) < 1
+        ):
+            raise ConfigError(f"saved privacy ledger has an invalid segment {segment!r}.")
+        segments.append((float(segment[0]), float(segment[1]), int(segment[2])))
+    return segments
 
 
 def _extend(history, noise_multiplier, sample_rate, steps):

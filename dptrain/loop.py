@@ -189,7 +189,9 @@ class TrainingLoop:
             return
         self.bar.update(1)
         curves = self.curves
-        post = {"loss": f"{curves[-1]['train_loss']:.3f}" if curves else "…"}
+        # (a private run's training loss is not covered by ε: logs show the validation's)
+        key = "val_loss" if self.run.dp is not None else "train_loss"
+        post = {key: f"{curves[-1][key]:.3f}" if curves else "…"}
         if curves:
             post["val_acc"] = f"{curves[-1]['val_accuracy']:.3f}"
         if self.run.dp is not None and curves:

@@ -17,7 +17,7 @@ accountant assumes::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -92,12 +92,24 @@ def make_private(
     norm_method: str = "auto",
     seed: int | None = None,
     distributed=None,
+    public_size: int | None = None,
+    spent: Sequence = (),
 ) -> PrivateTraining:
     """Attach DP-SGD to ``model`` and ``optimizer``.
 
+    Every number this setup releases (q, steps, σ, δ, the divisor) is a function of
+    ``public_size`` and the arguments, never of the private N, so that the add/remove guarantee
+    holds for what is shipped (README, "What a run releases").
+
     Args:
-        num_examples: N, the size of the private training set.
-        batch_size: the *expected* logical batch size; the sampling rate is q = batch_size / N.
+        num_examples: N, the size of the private training set: the sampler draws from these
+            rows; nothing released depends on it.
+        public_size: the dataset size treated as public (declared by the user, or a DP count
+            whose cost is in ``spent``); default ``num_examples``, which then must be public.
+        batch_size: the *expected* logical batch size; the sampling rate is q = batch_size /
+            public_size, and the noisy sum is divided by batch_size.
+        spent: ledger segments (σ, q, steps) spent before training (the DP count of N): the
+            ledger starts with them and σ is calibrated for the composition.
         epochs / steps: the length of training (exactly one); steps = round(epochs / q).
         target_epsilon / noise_multiplier: exactly one. With a target, σ is calibrated so that ε
             after ``steps`` steps is at most the target, and no step past it is allowed.
@@ -112,18 +124,21 @@ def make_private(
     """
     if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
         raise ConfigError(f"num_examples must be an integer >= 1, got {num_examples!r}.")
-    if not 0 < batch_size <= num_examples:
-        raise ConfigError(f"batch_size must be in (0, num_examples={num_examples}], got {batch_size}.")
+    size = num_examples if public_size is None else public_size
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"public_size must be an integer >= 1, got {public_size!r}.")
+    if not 0 < batch_size <= size:
+        raise ConfigError(f"batch_size must be in (0, {size}] (the dataset size), got {batch_size}.")
     if (epochs is None) == (steps is None):
         raise ConfigError("give exactly one of epochs and steps.")
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("give exactly one of target_epsilon and noise_multiplier.")
-    sample_rate = float(batch_size) / num_examples
+    sample_rate = float(batch_size) / size
     if steps is None:
         if not epochs > 0:
             raise ConfigError(f"epochs must be > 0, got {epochs}.")
         steps = max(1, round(epochs / sample_rate))
-    delta = default_delta(num_examples) if delta is None else float(delta)
+    delta = default_delta(size) if delta is None else float(delta)
     validate_budget(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                     accountant=accountant)
     if delta >= 1.0 / num_examples:
@@ -133,11 +148,12 @@ def make_private(
     if noise_multiplier is None:
         noise_multiplier = calibrate_noise_multiplier(
             target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=accountant,
+            accountant=accountant, spent=spent,
         )
     elif not noise_multiplier > 0:
         raise ConfigError(f"noise_multiplier must be > 0, got {noise_multiplier}.")
     ledger = PrivacyLedger(delta=delta, accountant=accountant, target_epsilon=target_epsilon)
+    ledger.prior = [(float(s), float(q), int(n)) for s, q, n in spent]
     ledger.reserve(noise_multiplier, sample_rate, steps)
 
     clipper = PerSampleClipper(
@@ -159,7 +175,7 @@ def make_private(
     try:
         dp_optimizer = DPOptimizer(
             optimizer, clipper, noise_multiplier=noise_multiplier,
-            expected_batch_size=sample_rate * num_examples, ledger=ledger, sample_rate=sample_rate,
+            expected_batch_size=float(batch_size), ledger=ledger, sample_rate=sample_rate,
             noise=GaussianNoise(seed=seeds[1]), expected_rows=sampled_rows, distributed=distributed,
         )
     except Exception:

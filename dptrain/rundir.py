@@ -9,7 +9,10 @@ DIR/private/members.json  which examples were trained on (indices into the popul
                      attacks only: never share it (it names exactly what DP protects)
 DIR/private/features/  the frozen encoder's outputs (dptrain.features), so that later commands
                      on the same data do not encode it again; never share it, deleting it is safe
-DIR/curves.json      training curves; DIR/curves.png the same as a figure
+DIR/curves.json      curves by step: epoch (step·q), ε spent, validation loss and accuracy;
+                     DIR/curves.png the same as a figure
+DIR/private/train_curves.json  the training loss (computed on private batches without noise:
+                     not covered by ε)
 DIR/model/           the fine-tuned classifier and its tokenizer (HF save_pretrained, safetensors)
 DIR/checkpoint/      while training: weights, optimizer and ledger state for --resume
 DIR/README.txt       these lines, for whoever finds the directory
@@ -54,12 +57,13 @@ model/          the trained classifier: this is what you ship (with privacy.json
 privacy.json    epsilon spent, delta, noise multiplier, sampling rate, steps, accountant
 metrics.json    test accuracy, macro-F1, per-class precision/recall/F1
 config.json     the recipe and the data it saw
-curves.json/png training curves (loss, validation accuracy, epsilon spent)
+curves.json/png validation loss and accuracy, epsilon spent, by step
 private/        for attacks only: members.json names the training examples, features/ holds
                 the encoder's outputs for reuse (deleting it is safe). Never share it.
 checkpoint/     only while training: what --resume needs
 """
 CURVES = "curves.json"
+TRAIN_CURVES = "private/train_curves.json"
 CURVES_PNG = "curves.png"
 MODEL = "model"
 CHECKPOINT = "checkpoint"

@@ -274,7 +274,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
                           _progress, finish_bookkeeping, fingerprint, insert_gradient_canaries,
-                          optimization, prepare_out_dir, recipe)
+                          optimization, prepare_out_dir, public_size, recipe, write_curves)
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -310,6 +310,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
                 config.dp_seed)]
         data = insert_slot_secrets(data, planted)
     n = len(data.train)
+    # Every released number comes from the public size, never from n (dptrain.release).
+    config, size, spent = public_size(config, n, state)
     trainable = config.trainable
     if trainable == "auto":  # as for intents: the heads of a pretrained encoder, all of tiny
         trainable = "all" if config.model == "tiny" else "head"
@@ -317,11 +319,11 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     if config.head_init == "labels":
         raise ConfigError("--head-init labels starts an intent classifier's head; joint and slot "
                           "models start theirs at random.")
-    config = recipe(config, trainable, n, mean_pooling=True)
+    config = recipe(config, trainable, size, mean_pooling=True)
     if trainable == "head" and not given["epochs"]:
         config = dataclasses.replace(config, epochs=JOINT_HEAD_EPOCHS)
     if trainable == "head" and not given["batch_size"]:
-        config = dataclasses.replace(config, batch_size=max(2, n // JOINT_HEAD_BATCH_DIVISOR))
+        config = dataclasses.replace(config, batch_size=max(2, size // JOINT_HEAD_BATCH_DIVISOR))
     measured = trainable == "head" and config.model != "tiny"  # the heads recipe (docstring)
     if measured and not given["lr"]:
         config = dataclasses.replace(config, lr=JOINT_HEAD_LR)
@@ -347,9 +349,10 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     model.to(device)
     enc = {name: encode_slots(tokenizer, split, data.intents, tagset, config.max_length)
            for name, split in data.splits.items()}
-    if config.batch_size > n:
-        raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
-    sample_rate = config.batch_size / n
+    if config.batch_size > min(n, size):
+        raise ConfigError(f"batch_size must be <= the training set size {min(n, size)}, got "
+                          f"{config.batch_size}.")
+    sample_rate = config.batch_size / size
     steps = max(1, round(config.epochs / sample_rate))
     from .features import cacheable
 
@@ -357,7 +360,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
                           cache_features=cacheable(model), progress=progress)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, step_optimizer, sampler, dp, scheduler = optimization(
-        config, batches.net, params, n, steps)
+        config, batches.net, params, n, steps, None, size, spent)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=None, device=device,
@@ -372,8 +375,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
             "config": config.to_dict(),
             "data": {"source": data.source, "intents": list(data.intents), "tags": list(data.tags),
                      "label_names": list(data.intents),
-                     "sizes": {k: len(v) for k, v in data.splits.items()},
-                     "train_fingerprint": train_print},
+                     # the training split's size and fingerprint: private/members.json
+                     "sizes": {k: len(v) for k, v in data.splits.items() if k != "train"}},
             "model": {"class": type(model).__name__, "task": config.task,
                       "trainable_parameters": n_trainable,
                       "total_parameters": sum(p.numel() for p in model.parameters())},
@@ -384,7 +387,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
             "data": data.source, "num_members": n_natural,
             "member_ids": (list(range(n_natural)) if member_ids is None
                            else [int(i) for i in member_ids]),
-            "train_fingerprint": train_print})
+            "num_train_rows": len(data.train), "train_fingerprint": train_print})
         if planted is not None:
             from .secret_canaries import write_secrets
 
@@ -403,7 +406,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     loop()
     if dp is not None:
         dp.detach()
-    privacy = _privacy_record(config, dp, n, sample_rate, steps, loop.done)
+    privacy = _privacy_record(config, dp, sample_rate, steps, loop.done)
     privacy["unit"] = "one utterance (all its tokens and both heads)"
     test, val = evaluate(batches.net, batches, "test"), evaluate(batches.net, batches, "validation")
     metrics = {"task": config.task, **{k: test[k] for k in (
@@ -424,7 +427,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
             save_joint(shipped, tokenizer, tmp, data.intents, tagset)
 
     rundir.replace_dir(out / rundir.MODEL, write_model)
-    rundir.write_json(out / rundir.CURVES, loop.curves)
+    write_curves(out, loop.curves, None)
     rundir.write_json(out / rundir.METRICS, metrics)
     rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point
     finish_bookkeeping(out)

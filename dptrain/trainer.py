@@ -123,6 +123,13 @@ class TrainConfig:
         "help": "plant secret canaries for 'dptrain attack extract': a JSON/YAML spec file or "
                 "inline key=value;... (e.g. 'repetitions=1,5,20,100;length=4'), see README",
         "default_text": "none"})
+    dataset_size: int | None = field(default=None, metadata={
+        "help": "the training set's size, declared public (e.g. a published figure): the "
+                "sampling rate, steps, sigma, delta and the divisor are computed from it, never "
+                "from the private size", "default_text": "a Gaussian count of it, accounted in epsilon"})
+    size_noise: float = field(default=20.0, metadata={
+        "help": "sigma of the Gaussian count of the training set size that fixes every released "
+                "size when --dataset-size is not given"})
     accountant: str = field(default="prv", metadata={"help": "privacy accountant: prv | rdp"})
     seed: int = field(default=0, metadata={"help": "seed of data splits, initialization, dropout"})
     dp_seed: int | None = field(default=None, metadata={
@@ -188,6 +195,14 @@ class TrainConfig:
         if self.head_init not in ("auto", "labels", "random"):
             raise ConfigError(f"head_init must be one of auto, labels, random, got {self.head_init!r}.")
         _positive("head_init_scale", self.head_init_scale)
+        if self.dataset_size is not None:
+            _positive("dataset_size", self.dataset_size, int)
+        if isinstance(self.size_noise, bool) or not isinstance(self.size_noise, (int, float)) \
+                or not (self.size_noise >= 0 and math.isfinite(self.size_noise)):
+            raise ConfigError(f"size_noise must be a finite number >= 0, got {self.size_noise!r}.")
+        if self.size_noise == 0 and self.dataset_size is None and self.private:
+            raise ConfigError("size_noise 0 would release the private training set size as it "
+                              "is: declare a public size with --dataset-size N instead.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be one of prv, rdp, got {self.accountant!r}.")
         clip_bound(self.max_grad_norm)
@@ -584,7 +599,7 @@ def insert_gradient_canaries(canaries, run):
     bound = clip_bound(run.config.max_grad_norm)
     canaries.bind(run.params, sample_rate=run.sample_rate, steps=run.steps, noise_multiplier=0.0,
                   sensitivity=1.0 if bound == "auto" else float(bound),
-                  divisor=run.sample_rate * len(run.data.train),
+                  divisor=float(run.config.batch_size),  # the engine's: the expected batch
                   names=[name for name, p in run.model.named_parameters() if p.requires_grad])
     return lambda grads: (canaries.insert_unclipped(grads), canaries.observe(grads))
 
@@ -645,10 +660,22 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     model, tokenizer = load_model(config.model, data.num_labels, data.label_names, config.pooling)
     model.to(device)
     check_max_length(model, tokenizer, config.max_length)
+    n_natural = len(data.train)
+    planted = None
+    if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that
+        from .secret_canaries import insert_secrets, parse_spec, plant_secrets, read_secrets
+
+        planted = read_secrets(out) if state is not None else plant_secrets(
+            parse_spec(config.secrets), data.label_names, tokenizer, config.max_length,
+            config.dp_seed)
+        data = insert_secrets(data, planted)
+    n = len(data.train)
+    # Every released number comes from the public size, never from n (dptrain.release).
+    config, size, spent = public_size(config, n, state, dist)
     trainable = config.trainable
     if trainable == "auto":
         trainable = "all" if config.model == TINY else "head"
-    config = recipe(config, trainable, len(data.train), isinstance(model, MeanPoolingClassifier),
+    config = recipe(config, trainable, size, isinstance(model, MeanPoolingClassifier),
                     word_labels=has_word_labels(data.label_names))
     if config.trainable == "lora":
         apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
@@ -660,27 +687,18 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
                               config.max_length)
     if config.dropout is not None:
         set_encoder_dropout(model, config.dropout)
-    n_natural = len(data.train)
-    planted = None
-    if config.secrets is not None:  # after the natural data's fingerprint: attacks reload that
-        from .secret_canaries import insert_secrets, parse_spec, plant_secrets, read_secrets
-
-        planted = read_secrets(out) if state is not None else plant_secrets(
-            parse_spec(config.secrets), data.label_names, tokenizer, config.max_length,
-            config.dp_seed)
-        data = insert_secrets(data, planted)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
-    n = len(data.train)
-    if config.batch_size > n:
-        raise ConfigError(f"batch_size must be <= the training set size {n}, got {config.batch_size}.")
-    sample_rate = config.batch_size / n
+    if config.batch_size > min(n, size):
+        raise ConfigError(f"batch_size must be <= the training set size {min(n, size)}, got "
+                          f"{config.batch_size}.")
+    sample_rate = config.batch_size / size
     steps = max(1, round(config.epochs / sample_rate))
 
     batches = Batches(model, enc, tokenizer.pad_token_id, cache_features=cacheable(model),
                       progress=progress, device=device, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, step_optimizer, sampler, dp, scheduler = optimization(
-        config, batches.net, params, n, steps, dist)
+        config, batches.net, params, n, steps, dist, size, spent)
     run = Run(config=config, out=out, data=data, enc=enc, model=model, tokenizer=tokenizer,
               batches=batches, params=params, optimizer=optimizer, step_optimizer=step_optimizer,
               scheduler=scheduler, sampler=sampler, dp=dp, dist=dist, device=device,
@@ -689,14 +707,41 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     return run, {"n_trainable": n_trainable, "n_natural": n_natural, "planted": planted}
 
 
-def optimization(config: TrainConfig, net, params, n: int, steps: int, dist=None):
+def public_size(config: TrainConfig, n: int, state, dist=None) -> tuple[TrainConfig, int, list]:
+    """The config with ``dataset_size`` resolved, the public size M every released number is
+    computed from, and the ledger segments spent on it (:mod:`dptrain.release`).
+
+    A new private run without ``--dataset-size`` draws the Gaussian count M = round(N + Z) once
+    (the same on every rank) and records it; a resumed run reuses what it recorded, and its
+    checkpoint's ledger holds the count (a run recorded before the count treated N as public,
+    and still does). Without DP, M = N.
+    """
+    from .release import count_segment, noisy_size
+
+    if not config.private:
+        size = config.dataset_size or n
+        return dataclasses.replace(config, dataset_size=size), size, []
+    if state is not None:
+        prior = ((state.get("ledger") or {}).get("prior") or [])
+        size = config.dataset_size or n  # (None: recorded before the count, N was public)
+        return dataclasses.replace(config, dataset_size=size), size, [tuple(s) for s in prior]
+    if config.dataset_size is not None:  # declared public by the user: nothing to count
+        return config, config.dataset_size, []
+    seed = config.dp_seed if dist is None else dist.shared_seed(config.dp_seed)
+    size = noisy_size(n, config.size_noise, seed)
+    return dataclasses.replace(config, dataset_size=size), size, [count_segment(config.size_noise)]
+
+
+def optimization(config: TrainConfig, net, params, n: int, steps: int, dist=None,
+                 size: int | None = None, spent=()):
     """AdamW over ``params`` (linearly decayed to 0), and under DP :func:`~dptrain.
     private_training.make_private` on ``net``; without DP the same Poisson sampler alone.
     Returns (optimizer, what steps, sampler, dp or None, scheduler)."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sample_rate = config.batch_size / n
+    size = n if size is None else size
+    sample_rate = config.batch_size / size
     dp = None
     if config.private:
         from .private_training import make_private
@@ -705,7 +750,7 @@ def optimization(config: TrainConfig, net, params, n: int, steps: int, dist=None
             net, optimizer, num_examples=n, batch_size=config.batch_size, steps=steps,
             target_epsilon=config.epsilon, delta=config.delta,
             max_grad_norm=clip_bound(config.max_grad_norm), accountant=config.accountant,
-            seed=config.dp_seed, distributed=dist,
+            seed=config.dp_seed, distributed=dist, public_size=size, spent=spent,
         )
         step_optimizer, sampler = dp.optimizer, dp.sampler
     else:
@@ -725,9 +770,9 @@ def _write_start(run, written: dict[str, Any], member_ids, extra_info) -> None:
     rundir.write_bytes_atomic(out / rundir.README, rundir.README_TEXT.encode())
     rundir.write_json(out / rundir.CONFIG, {
         "config": config.to_dict(),
+        # the training split's size and fingerprint are private (private/members.json)
         "data": {"source": data.source, "label_names": list(data.label_names),
-                 "sizes": {k: len(v) for k, v in data.splits.items()},
-                 "train_fingerprint": run.train_fingerprint},
+                 "sizes": {k: len(v) for k, v in data.splits.items() if k != "train"}},
         "model": {"class": type(run.model).__name__, "trainable_parameters": written["n_trainable"],
                   "total_parameters": sum(p.numel() for p in run.model.parameters())},
         **({"extra": extra_info} if extra_info else {}),
@@ -738,6 +783,7 @@ def _write_start(run, written: dict[str, Any], member_ids, extra_info) -> None:
         "description": "identifiers of the examples in the training set (members); every one "
                        "of them could be sampled into any batch",
         "data": data.source, "num_members": n_natural, "member_ids": ids.tolist(),
+        "num_train_rows": len(data.train),  # members and planted secrets: the N DP protects
         "train_fingerprint": run.train_fingerprint,
     })
     if written["planted"] is not None:
@@ -751,8 +797,7 @@ def _finish(run, loop, started: float) -> RunSummary:
     ranks hold the same model and return the privacy record alone)."""
     if run.dp is not None:
         run.dp.detach()
-    n = len(run.data.train)
-    privacy = _privacy_record(run.config, run.dp, n, run.sample_rate, run.steps, loop.done)
+    privacy = _privacy_record(run.config, run.dp, run.sample_rate, run.steps, loop.done)
     if not run.main:
         return RunSummary(run.out, run.config, privacy, {}, time.monotonic() - started)
     test = evaluate(run.net, run.batches, "test")
@@ -816,13 +861,17 @@ def _diverged(out: Path, config, dp, done: int, loss: float, write: bool = True)
     )
 
 
-def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
+def _privacy_record(config, dp, sample_rate, steps, done) -> dict[str, Any]:
+    """``privacy.json``: every field public by :mod:`dptrain.release`'s semantics or accounted."""
+    from .release import semantics
+
     if dp is None:
         return {
             "private": False, "epsilon": float("inf"), "target_epsilon": float("inf"),
             "delta": None, "noise_multiplier": 0.0, "sample_rate": sample_rate, "steps": done,
             "planned_steps": steps, "accountant": None, "max_grad_norm": None,
-            "num_examples": n, "expected_batch_size": config.batch_size,
+            "dataset_size": config.dataset_size, "expected_batch_size": config.batch_size,
+            "unit": "none: trained without differential privacy",
         }
     return {
         "private": True,
@@ -837,10 +886,12 @@ def _privacy_record(config, dp, n, sample_rate, steps, done) -> dict[str, Any]:
         "max_grad_norm": clip_bound(config.max_grad_norm),
         "clipping": "automatic (AUTO-S, sensitivity 1)" if config.max_grad_norm == "auto" else "flat",
         "sensitivity": dp.clipper.sensitivity,
-        "num_examples": n,
+        "dataset_size": config.dataset_size,
         "expected_batch_size": config.batch_size,
         "sampling": "Poisson",
         "unit": "one example (utterance)",
+        "semantics": semantics(dp.ledger.prior, config.dataset_size),
+        "prior": [list(s) for s in dp.ledger.prior],
         "dp_randomness": "seeded (dp_seed set: for experiments only)" if config.dp_seed is not None
                          else "operating-system entropy",
         "history": [list(s) for s in dp.ledger.history],
@@ -876,11 +927,26 @@ def _write_final(out, model, tokenizer, privacy, metrics, curves, config) -> Non
                 hf_logging.enable_progress_bar()
 
     rundir.replace_dir(out / rundir.MODEL, save_model)
-    rundir.write_json(out / rundir.CURVES, curves)
-    _plot_curves(out / rundir.CURVES_PNG, curves, config)
+    write_curves(out, curves, config)
     rundir.write_json(out / rundir.METRICS, metrics)
     rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point of a finished run
     finish_bookkeeping(out)
+
+
+PRIVATE_CURVE_KEYS = ("train_loss",)
+"""Curve values computed on the private training batches without noise: not covered by ε, so
+they go to ``private/train_curves.json``, never to ``curves.json`` or ``curves.png``."""
+
+
+def write_curves(out: Path, curves, config) -> None:
+    """``curves.json`` and ``curves.png`` (steps, epochs = steps·q, ε, validation numbers) and
+    ``private/train_curves.json`` (the training loss, which DP does not cover)."""
+    public = [{k: v for k, v in c.items() if k not in PRIVATE_CURVE_KEYS} for c in curves]
+    rundir.write_json(out / rundir.CURVES, public)
+    rundir.write_json(out / rundir.TRAIN_CURVES, [
+        {"step": c["step"], **{k: c[k] for k in PRIVATE_CURVE_KEYS if k in c}} for c in curves])
+    if config is not None:  # (slot runs write no figure)
+        _plot_curves(out / rundir.CURVES_PNG, public, config)
 
 
 def _plot_curves(path: Path, curves, config) -> None:
@@ -891,10 +957,8 @@ def _plot_curves(path: Path, curves, config) -> None:
     plt = pyplot()
     epochs = [c["epoch"] for c in curves]
     fig, axes = plt.subplots(1, 3 if config.private else 2, figsize=(12 if config.private else 8, 3.2))
-    axes[0].plot(epochs, [c["train_loss"] for c in curves], marker="o", label="train (sampled batches)")
     axes[0].plot(epochs, [c["val_loss"] for c in curves], marker="o", label="validation")
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[0].legend()
+    axes[0].set(xlabel="epoch", ylabel="loss", title="validation loss")
     axes[1].plot(epochs, [c["val_accuracy"] for c in curves], marker="o", color="tab:green")
     axes[1].set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
     if config.private:

@@ -74,8 +74,8 @@ def test_head_only_run_trains_on_cached_features_with_the_planned_epsilon(encode
     privacy = summary.privacy
     assert privacy["epsilon"] == pytest.approx(epsilon_after(
         noise_multiplier=privacy["noise_multiplier"], sample_rate=privacy["sample_rate"],
-        steps=privacy["steps"], delta=privacy["delta"]), rel=1e-9)
-    assert privacy["epsilon"] <= 8.0
+        steps=privacy["steps"], delta=privacy["delta"], prior=privacy["prior"]), rel=1e-9)
+    assert privacy["epsilon"] <= 8.0 and privacy["prior"] == [[20.0, 1.0, 1]]  # the size count
     assert not (tmp_path / "run" / "model" / "encoder").exists()  # the head, by reference
 
 

@@ -108,9 +108,9 @@ def test_population_is_train_then_validation_then_test(target_dir):
 def test_changed_data_and_unfinished_runs_are_refused(target_dir, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(target_dir, changed)
-    config = json.loads((changed / "config.json").read_text())
-    config["data"]["train_fingerprint"] = "0" * 64
-    (changed / "config.json").write_text(json.dumps(config))
+    members = json.loads((changed / "private" / "members.json").read_text())
+    members["train_fingerprint"] = "0" * 64
+    (changed / "private" / "members.json").write_text(json.dumps(members))
     with pytest.raises(DataError, match="changed since training"):
         load_target(changed)
 

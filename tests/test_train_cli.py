@@ -40,16 +40,24 @@ def test_private_run_writes_every_file_with_consistent_numbers(tmp_path, capsys)
     assert not (run / "checkpoint").exists()  # removed once the run finished
 
     privacy, config, members = read(run, "privacy.json"), read(run, "config.json"), read(run, "private/members.json")
-    n_train = config["data"]["sizes"]["train"]
+    n_train = members["num_train_rows"]
     assert members["num_members"] == n_train == len(members["member_ids"]) == 288
-    assert privacy["sample_rate"] == pytest.approx(32 / n_train)
+    assert "train" not in config["data"]["sizes"] and "train_fingerprint" not in config["data"]
+    # q, steps and the recipe come from the released Gaussian count of N, not from N
+    size = privacy["dataset_size"]
+    assert size == config["config"]["dataset_size"] != n_train and abs(size - n_train) < 5 * 20
+    assert privacy["semantics"]["dataset_size"]["value"] == size
+    assert privacy["sample_rate"] == pytest.approx(32 / size)
     assert privacy["steps"] == privacy["planned_steps"] == round(2 / privacy["sample_rate"])
     assert 2.9 < privacy["epsilon"] <= 3.0 and privacy["target_epsilon"] == 3.0
     assert privacy["delta"] == 1e-4 and privacy["accountant"] == "prv"
-    # the reported ε is what Opacus' accountant says for the recorded (σ, q, steps)
+    assert privacy["prior"] == [[20.0, 1.0, 1]] and "num_examples" not in privacy
+    # the reported ε is what Opacus' accountant says for the count composed with (σ, q, steps)
     acc = PRVAccountant()
-    acc.history = [(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps"])]
+    acc.history = [(20.0, 1.0, 1), (privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps"])]
     assert acc.get_epsilon(delta=1e-4) == pytest.approx(privacy["epsilon"], rel=1e-6)
+    assert "train_loss" not in read(run, "curves.json")[0]
+    assert [c["step"] for c in read(run, "private/train_curves.json")] == [c["step"] for c in read(run, "curves.json")]
 
     metrics = read(run, "metrics.json")
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1

@@ -129,7 +129,7 @@ def test_every_curve_point_is_the_epsilon_spent_at_that_step(tmp_path):
     q, sigma = privacy["sample_rate"], privacy["noise_multiplier"]
     for point in curves:
         exact = epsilon_after(noise_multiplier=sigma, sample_rate=q, steps=point["step"],
-                              delta=privacy["delta"])
+                              delta=privacy["delta"], prior=privacy["prior"])
         assert point["epsilon"] == pytest.approx(exact, rel=1e-9)
         assert point["epoch"] == pytest.approx(point["step"] * q)
     assert curves[-1]["step"] == privacy["steps"]
