@@ -81,6 +81,10 @@ class DPArguments:
         accountant: ``"prv"`` (tight, default) or ``"rdp"``.
         dp_seed: seeds sampling and noise (experiments only: a known seed voids the guarantee).
         log_train_loss: also log the training loss (not covered by ε).
+        dataset_size: the training set size M declared public: q = L/M, the steps, σ, δ and
+            the divisor come from it and not from len(train_dataset). Default: len(train_dataset),
+            which ``privacy.json`` then states is treated as public (``dptrain train`` counts it
+            privately instead; see README "What a run releases").
     """
 
     target_epsilon: float = 8.0
@@ -90,6 +94,7 @@ class DPArguments:
     accountant: str = "prv"
     dp_seed: int | None = None
     log_train_loss: bool = False
+    dataset_size: int | None = None
 
 
 class LogicalBatch(list):
@@ -136,11 +141,15 @@ class DPTrainer(Trainer):
         self.dp_args = dp_args if dp_args is not None else DPArguments()
         args = copy.copy(args)  # the caller's object is not changed
         _refuse_unsafe(args, kwargs, type(self), train_dataset)
-        n = len(train_dataset)
+        rows = len(train_dataset)
+        n = self.dp_args.dataset_size if self.dp_args.dataset_size is not None else rows
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"DPArguments.dataset_size must be an integer >= 1, got {n!r}.")
         logical = self.dp_args.logical_batch_size or (
             args.per_device_train_batch_size * args.gradient_accumulation_steps)
-        if isinstance(logical, bool) or not isinstance(logical, int) or not 1 <= logical <= n:
-            raise ConfigError(f"the logical batch size must be an integer in [1, N={n}], got {logical!r}.")
+        if isinstance(logical, bool) or not isinstance(logical, int) or not 1 <= logical <= min(n, rows):
+            raise ConfigError(f"the logical batch size must be an integer in [1, N={min(n, rows)}], "
+                              f"got {logical!r}.")
         q = logical / n
         steps = args.max_steps if args.max_steps > 0 else max(1, round(args.num_train_epochs / q))
         args.max_steps = steps
@@ -152,7 +161,7 @@ class DPTrainer(Trainer):
         args.gradient_accumulation_steps = 1  # one Trainer step = one logical batch
         args.ignore_data_skip = True  # the sampler resumes from its checkpointed state instead
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        self._num_examples, self._logical = n, logical
+        self._num_examples, self._rows, self._logical = n, rows, logical
         self._steps_per_epoch = max(1, round(1 / q))
         self.create_optimizer()  # attaches DP now, so that a bad budget fails before training
 
@@ -165,7 +174,8 @@ class DPTrainer(Trainer):
         inner = self.optimizer if self.optimizer is not None else super().create_optimizer()
         self._inner_optimizer = inner
         self.dp = make_private(
-            self.model, inner, num_examples=self._num_examples, batch_size=self._logical,
+            self.model, inner, num_examples=self._rows, public_size=self._num_examples,
+            batch_size=self._logical,
             steps=self.args.max_steps, target_epsilon=self.dp_args.target_epsilon,
             delta=self.dp_args.delta, max_grad_norm=self.dp_args.max_grad_norm,
             accountant=self.dp_args.accountant, seed=self.dp_args.dp_seed)
@@ -241,6 +251,13 @@ class DPTrainer(Trainer):
             "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate,
             "steps": dp.ledger.steps, "planned_steps": dp.steps,
             "num_examples": self._num_examples, "logical_batch_size": self._logical,
+            "semantics": {
+                "unit": "one training example", "adjacency": "add/remove one training example",
+                "dataset_size": {"value": self._num_examples, "how": (
+                    "declared public (DPArguments.dataset_size)" if self.dp_args.dataset_size
+                    is not None else "len(train_dataset), treated as public: q, steps, sigma "
+                    "and delta depend on it; declare a public DPArguments.dataset_size if the "
+                    "size must stay private")}},
             "accountant": self.dp_args.accountant,
             "max_grad_norm": dp.clipper.max_grad_norm if dp.clipper.max_grad_norm != "auto" else "auto",
             "sampler_step": dp.sampler.step,

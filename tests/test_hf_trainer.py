@@ -64,7 +64,8 @@ def test_same_sigma_steps_and_epsilon_as_the_cli(tmp_path):
     trainer = make(tmp_path, targs=args(tmp_path, eval_strategy="steps", eval_steps=9))
     cli = train_run(TrainConfig(model="tiny", data="synthetic", synthetic_per_intent=12, epochs=2,
                                 batch_size=32, physical_batch_size=16, epsilon=3.0, delta=1e-4,
-                                dp_seed=1), tmp_path / "cli", progress=False)
+                                dp_seed=1, dataset_size=len(trainer.train_dataset)),  # as declared
+                    tmp_path / "cli", progress=False)
     assert trainer.dp.sample_rate == pytest.approx(cli.privacy["sample_rate"], rel=1e-12)
     assert trainer.dp.steps == cli.privacy["steps"] == 18
     assert trainer.dp.noise_multiplier == pytest.approx(cli.privacy["noise_multiplier"], rel=1e-9)
@@ -110,9 +111,10 @@ def test_accuracy_matches_the_cli_on_the_same_recipe(tmp_path, public_encoder):
     recipe = dict(epochs=10, batch_size=90, lr=3e-2)
     cli = train_run(TrainConfig(model=str(public_encoder), data="synthetic", synthetic_per_intent=30,
                                 trainable="head", physical_batch_size=90, epsilon=8.0, delta=1e-4,
-                                dp_seed=2, max_grad_norm="auto", **recipe),
-                    tmp_path / "cli", progress=False)
+                                dp_seed=2, max_grad_norm="auto", dataset_size=720, **recipe),
+                    tmp_path / "cli", progress=False)  # (720 training rows, declared as DPTrainer does)
     data, tok, _, tr, te = setup(per_intent=30)
+    assert len(tr) == 720
     model = AutoModelForSequenceClassification.from_pretrained(public_encoder)
     set_trainable(model, "head")
     trainer = DPTrainer(
