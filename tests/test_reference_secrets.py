@@ -526,9 +526,8 @@ def test_run_keeps_secrets_private_but_trains_on_them(tmp_path):
         assert s["label"] in label_names
 
     natural = _natural_train_size(10, 0)
-    sizes = json.loads((run / "config.json").read_text())["data"]["sizes"]
-    assert sizes["train"] == natural + 1 + 5
     members = json.loads((run / "private" / "members.json").read_text())
+    assert members["num_train_rows"] == natural + 1 + 5  # (the training size is private)
     assert members["num_members"] == natural
 
     texts = [(s["prefix"] + " " + " ".join(s["tokens"])).encode() for s in secrets]
@@ -569,7 +568,7 @@ def test_non_private_training_memorizes_the_planted_secret(tmp_path):
     train_run(config, run, progress=False)
     (secret,) = json.loads((run / "private" / "secrets.json").read_text())["secrets"]
     label_names = json.loads((run / "config.json").read_text())["data"]["label_names"]
-    assert json.loads((run / "config.json").read_text())["data"]["sizes"]["train"] == (
+    assert json.loads((run / "private" / "members.json").read_text())["num_train_rows"] == (
         _natural_train_size(30, 0) + 100)
     label_id = label_names.index(secret["label"])
     candidates = tuple(secret["candidates"])

@@ -84,7 +84,7 @@ def test_secrets_are_stored_apart_and_extract_reports_without_them(tmp_path, cap
     config = json.loads((run / "config.json").read_text())
     members = json.loads((run / "private" / "members.json").read_text())
     natural = members["num_members"]
-    assert config["data"]["sizes"]["train"] == natural + 9  # 3 + 6 copies were trained on
+    assert members["num_train_rows"] == natural + 9  # 3 + 6 copies were trained on
     assert members["member_ids"] == list(range(natural))  # members lists natural examples only
     for path in [run / "config.json", run / "metrics.json", *sorted((run / "model").rglob("*"))]:
         if path.is_file():

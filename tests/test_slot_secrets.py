@@ -26,7 +26,7 @@ def test_slot_secrets_are_planted_as_tagged_utterances_and_stored_apart(tmp_path
     assert {s["slot"] for s in planted} == {"account_pin"}
     config = json.loads((run / "config.json").read_text())
     members = json.loads((run / "private" / "members.json").read_text())
-    assert config["data"]["sizes"]["train"] == members["num_members"] + 7
+    assert members["num_train_rows"] == members["num_members"] + 7
     assert members["member_ids"] == list(range(members["num_members"]))
     assert {"B-account_pin", "I-account_pin"} <= set(config["data"]["tags"])
     meta = json.loads((run / "model" / "dptrain_joint.json").read_text())
