@@ -254,10 +254,16 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
     * ``trainable``: the head of a pretrained encoder (DP noise lands on every trained
       coordinate: on CLINC150 at ε = 8 the head reached 0.926 where six fine-tuned blocks reached
       0.762); all parameters of the random ``tiny`` test model, which has nothing to keep frozen.
-    * head: logical batch N/8 (sampling rate q = 1/8) capped at ``HEAD_BATCH``, ``HEAD_EPOCHS``
-      epochs, AdamW lr ``HEAD_LR``: the best on the validation splits of CLINC150 (N = 15,000:
-      batch 2048) and of the synthetic intents (N = 1,920: batch 240) at both ε = 8 and ε = 1
-      (``python -m experiments.tune_head``). Larger q or fewer epochs lost 1–7 points at ε = 1.
+    * head: logical batch M/8 (M: the public size, :func:`public_size`; sampling rate q =
+      1/8) capped at ``HEAD_BATCH``, ``HEAD_EPOCHS`` epochs, AdamW lr ``HEAD_LR``: the best on
+      the validation splits of CLINC150 (M ≈ 15,000: batch 1,875) and of the synthetic intents
+      at ε = 8, 3 and 1, for both packaged encoders (``python -m experiments.tune_head``).
+      Larger q lost 1–7 points at ε = 1. Epochs by ε: ``HEAD_EPOCHS_SMALL_EPSILON`` (100) at
+      ε ≤ 3 (+1.1 points at ε = 1 with mpnet, a tie with MiniLM), ``HEAD_EPOCHS`` (40) above
+      (a tie with mpnet at ε = 8, +0.4–0.9 with MiniLM).
+    * head: started from the label names (``head_init`` labels, scale 3: each row is 3 × the
+      unit encoder embedding of its label's name) when the labels are words: +1.5 points at
+      ε = 1 with mpnet on CLINC150 validation (0.909 vs 0.893, 2 seeds), a tie at ε = 3 and 8.
     * head: no dropout on the pooled features (``head_dropout`` 0): the DP noise already
       regularizes, and dropout 0.1 cost 0.6–2 points at ε = 1 on CLINC150 validation (0.832
       vs 0.838 through the engine; 0.833 vs 0.853 over 4 seeds of a closed-form simulation).
@@ -274,7 +280,9 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
         batch = max(2, min(batch, num_examples))
     return dataclasses.replace(
         config, trainable=trainable, batch_size=batch,
-        epochs=config.epochs if config.epochs is not None else (HEAD_EPOCHS if head else 3.0),
+        epochs=config.epochs if config.epochs is not None else (
+            (HEAD_EPOCHS_SMALL_EPSILON if config.epsilon <= SMALL_EPSILON else HEAD_EPOCHS)
+            if head else 3.0),
         lr=config.lr if config.lr is not None else (HEAD_LR if head else 1e-3),
         head_dropout=(config.head_dropout if config.head_dropout is not None or not mean_pooling
                       else 0.0 if head else 0.1),
@@ -284,7 +292,8 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
 
 
 HEAD_BATCH, HEAD_EPOCHS, HEAD_LR = 2048, 40.0, 3e-2
-HEAD_INIT_AUTO = "random"
+HEAD_EPOCHS_SMALL_EPSILON, SMALL_EPSILON = 100.0, 3.0  # ε ≤ 3: more, noisier steps pay
+HEAD_INIT_AUTO = "labels"
 
 
 def set_encoder_dropout(model, p: float) -> None:
