@@ -268,13 +268,23 @@ def test_a_process_pool_and_ray_give_the_same_results(tmp_path):
         with open(out / "results.csv") as f:
             return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in csv.DictReader(f)]
 
+    def same(rows, others):  # equal, but for the last bits of a float (ε composes the dataset-
+        # size count by FFT, whose rounding depends on the process's thread settings: 1e-15)
+        def close(a, b):
+            try:
+                return math.isclose(float(a), float(b), rel_tol=1e-12)
+            except ValueError:
+                return a == b
+        return len(rows) == len(others) and all(
+            r.keys() == o.keys() and all(close(r[k], o[k]) for k in r) for r, o in zip(rows, others))
+
     run_sweep(cfg, tmp_path / "pool", progress=False, workers=2)
     run_sweep(cfg, tmp_path / "ray", progress=False, backend="ray", threads_per_job=1)
     pool, ray_rows = table(tmp_path / "pool"), table(tmp_path / "ray")
-    assert len(pool) == 2 and pool == ray_rows
-    assert len({r["exposure_r1"] for r in pool}) > 1  # the cells differ: the comparison can fail
+    assert len(pool) == 2 and same(pool, ray_rows)
+    assert not same(pool, pool[::-1])  # the cells differ: the comparison can fail
     run_sweep(cfg, tmp_path / "here", progress=False, workers=1, threads_per_job=1)
-    assert table(tmp_path / "here") == pool
+    assert same(table(tmp_path / "here"), pool)
 
 
 def test_backend_options_are_checked(tmp_path, capsys):
