@@ -190,7 +190,8 @@ def run_audit(config, out_dir: str | Path, options: AuditRunOptions | None = Non
 
     from dptrain.encoders import resolve_model
 
-    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
+    # the encoder --model auto stands for, recorded resolved
+    config = dataclasses.replace(config, model=resolve_model(config.model, config.task))
     options = options or AuditRunOptions()
     outputs = OutputDir(out_dir, COMMAND)
     check_new_audit_dir(outputs)

@@ -205,7 +205,8 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
 
     from dptrain.encoders import resolve_model
 
-    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
+    # the encoder --model auto stands for, recorded resolved
+    config = dataclasses.replace(config, model=resolve_model(config.model, config.task))
     options = options or WhiteBoxOptions()
     outputs = OutputDir(out_dir, COMMAND)
     check_new_audit_dir(outputs, resumable=False)

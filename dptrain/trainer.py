@@ -631,7 +631,8 @@ def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
         return TrainConfig.saved(saved["config"]), load_state(out / rundir.CHECKPOINT)
     from .encoders import resolve_model
 
-    config = dataclasses.replace(config, model=resolve_model(config.model))  # recorded resolved
+    # the encoder --model auto stands for, recorded resolved
+    config = dataclasses.replace(config, model=resolve_model(config.model, config.task))
     if data is None and config.data != "synthetic" and Path(config.data).exists():
         # the resolved path, so that --resume and attacks work from any working directory
         config = dataclasses.replace(config, data=str(Path(config.data).resolve()))

@@ -176,3 +176,17 @@ def test_availability_reflects_the_installed_slices(fake_archive, monkeypatch):
     assert not available("mpnet")
     with pytest.raises(ModelError, match="no packaged encoder named 'bert'"):
         packaged_path("bert")
+
+
+def test_model_auto_takes_the_measured_encoder_per_task_and_refuses_without_one(monkeypatch):
+    import dptrain.encoders as encoders
+
+    monkeypatch.setattr(encoders, "available", lambda name: True)
+    assert [encoders.resolve_model("auto", t) for t in ("intent", "joint", "slots")] == \
+        ["mpnet", "minilm", "minilm"]
+    assert encoders.resolve_model("my/dir", "joint") == "my/dir"
+    monkeypatch.setattr(encoders, "available", lambda name: name == "mpnet")
+    assert encoders.resolve_model("auto", "joint") == "mpnet"
+    monkeypatch.setattr(encoders, "available", lambda name: False)
+    with pytest.raises(ModelError, match="model 'auto' needs a packaged encoder.*--model tiny"):
+        encoders.resolve_model("auto")
