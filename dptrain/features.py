@@ -194,12 +194,14 @@ share it. Deleting it is safe (the rows are encoded again when needed).
 """
 
 
-def stored_in(argument: str, folder: str = "private/features"):
-    """Decorate a command function so that it runs inside the feature store ``folder`` of the
-    directory its ``argument`` names, unless a store is already open (a sweep's, or the one
-    ``--feature-cache`` names)."""
+def stored_in(argument: str):
+    """Decorate a command function so that it runs inside the feature store
+    (``rundir.FEATURES``) of the directory its ``argument`` names, unless a store is already
+    open (a sweep's, or the one ``--feature-cache`` names)."""
     import functools
     import inspect
+
+    from .rundir import FEATURES
 
     def decorate(fn):
         signature = inspect.signature(fn)
@@ -207,7 +209,7 @@ def stored_in(argument: str, folder: str = "private/features"):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             where = signature.bind(*args, **kwargs).arguments.get(argument)
-            with feature_store(None if where is None else Path(where) / folder, reuse_open=True):
+            with feature_store(None if where is None else Path(where) / FEATURES, reuse_open=True):
                 return fn(*args, **kwargs)
         return wrapper
     return decorate

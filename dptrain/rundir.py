@@ -64,6 +64,7 @@ checkpoint/     only while training: what --resume needs
 """
 CURVES = "curves.json"
 TRAIN_CURVES = "private/train_curves.json"
+FEATURES = "private/features"  # the feature store (dptrain.features) of a run, sweep or audit
 CURVES_PNG = "curves.png"
 MODEL = "model"
 CHECKPOINT = "checkpoint"

@@ -256,8 +256,9 @@ def recipe(config: TrainConfig, trainable: str, num_examples: int,
       0.762); all parameters of the random ``tiny`` test model, which has nothing to keep frozen.
     * head: logical batch M/8 (M: the public size, :func:`public_size`; sampling rate q =
       1/8) capped at ``HEAD_BATCH``, ``HEAD_EPOCHS`` epochs, AdamW lr ``HEAD_LR``: the best on
-      the validation splits of CLINC150 (M ≈ 15,000: batch 1,875) and of the synthetic intents
-      at ε = 8, 3 and 1, for both packaged encoders (``python -m experiments.tune_head``).
+      CLINC150's validation split (M ≈ 15,000: batch 1,875) at ε = 8, 3 and 1 for both
+      packaged encoders (``python -m experiments.tune_head``; the earlier MiniLM rule also used
+      the synthetic intents').
       Larger q lost 1–7 points at ε = 1. Epochs by ε: ``HEAD_EPOCHS_SMALL_EPSILON`` (100) at
       ε ≤ 3 (+1.1 points at ε = 1 with mpnet, a tie with MiniLM), ``HEAD_EPOCHS`` (40) above
       (a tie with mpnet at ε = 8, +0.4–0.9 with MiniLM).
@@ -548,12 +549,9 @@ def train_run(
         return RunSummary.load(out)
     from .features import feature_store
 
-    with feature_store(out / FEATURES, reuse_open=True):  # encode once per data, not per process
+    with feature_store(out / rundir.FEATURES, reuse_open=True):  # encode once per data, not per process
         return _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
                       gradient_canaries, dist, started)
-
-
-FEATURES = "private/features"  # a run's feature store (dptrain.features), unless one is open
 
 
 def _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
