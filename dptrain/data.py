@@ -720,9 +720,16 @@ def read_rows(source: str | os.PathLike[str], *, text_column: str = "text",
     return [row for rows in raw.splits.values() for row in rows]
 
 
-def _read_source(path: Path, shown: str, text_column: str, label_column: str) -> _Raw:
-    if not path.exists():
+def require_source(source: str | os.PathLike[str]) -> None:
+    """Refuse a data source that does not exist (the first check of a run: before any model is
+    looked for or file written)."""
+    shown = os.fspath(source)
+    if shown != SYNTHETIC and not Path(shown).exists():
         raise DataError(f"data source {shown!r} not found; give {_ALLOWED_SOURCES}.")
+
+
+def _read_source(path: Path, shown: str, text_column: str, label_column: str) -> _Raw:
+    require_source(shown)
     if path.is_dir():
         raw = _read_hf(path, shown, text_column, label_column)
     else:

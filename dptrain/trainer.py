@@ -627,8 +627,11 @@ def _config_and_checkpoint(config: TrainConfig, out: Path, resume: bool, data):
         rundir.clean_temporaries(out)
         saved = rundir.read_json(out / rundir.CONFIG)
         return TrainConfig.saved(saved["config"]), load_state(out / rundir.CHECKPOINT)
+    from .data import require_source
     from .encoders import resolve_model
 
+    if data is None:
+        require_source(config.data)  # the user's own mistake first, before the encoder's
     # the encoder --model auto stands for, recorded resolved
     config = dataclasses.replace(config, model=resolve_model(config.model, config.task))
     if data is None and config.data != "synthetic" and Path(config.data).exists():
