@@ -9,9 +9,11 @@ truth for options in Python, JSON and on the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,10 +36,18 @@ def _claim_flags(parser) -> None:
 
 
 def _number(text: str) -> float:
+    """A float; infinity only when written as 'inf' (``1e400`` would overflow to it, and an
+    infinite ε means no privacy at all), never NaN."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+        raise argparse.ArgumentTypeError(f"{text!r} is too large to be a number here (write "
+                                         "'inf' if you mean infinity)")
+    return value
 
 
 def _integer(text: str) -> int:
@@ -308,6 +318,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = _config_from(args, TrainConfig)  # bad flags are refused here, before any launch
     from .distributed import init_from_env, launch
 
+    if args.nproc < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}.")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .trainer import prepare_out_dir
 
@@ -492,6 +506,24 @@ def _command_path(args: argparse.Namespace) -> str:
     return " ".join(v for v in (args.command, getattr(args, "attack", None)) if v)
 
 
+_DEFAULT_OUT = {"mia": "attacks", "extract": "extraction"}  # attacks write into the run by default
+
+
+def _written_dir(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The directory a command writes (None: it writes nothing), and whether it may be created
+    with its parents (an explicit --out) or only inside an existing run (an attack's default)."""
+    out = getattr(args, "out", None)
+    if out is not None:
+        if getattr(args, "resume", False) and not out.is_dir():
+            return None, False  # nothing to resume: the command says so, and creates nothing
+        return out, True
+    sub = getattr(args, "attack", None)
+    run = getattr(args, "run", None)
+    if sub in _DEFAULT_OUT and run is not None:
+        return run / _DEFAULT_OUT[sub], False
+    return None, False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .errors import DPTrainError
 
@@ -506,8 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command_path(args)
     try:
         from .features import feature_store
+        from .rundir import exclusive
 
-        with feature_store(getattr(args, "feature_cache", None)):
+        written, create = _written_dir(args)
+        with contextlib.ExitStack() as stack:
+            if written is not None:  # one command at a time per directory, across processes
+                what = "--out" if create else "the attack directory"
+                stack.enter_context(exclusive(written, what, create))
+            stack.enter_context(feature_store(getattr(args, "feature_cache", None)))
             return args.handler(args)
     except DPTrainError as exc:
         message = " ".join(str(exc).split())

@@ -36,6 +36,7 @@ the process umask (0644/0755 under the usual 022). A run directory holds private
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -202,3 +203,64 @@ def recover_dir(target: Path) -> None:
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG).exists()
+
+
+LOCK_HELD = "DPTRAIN_LOCK_HELD"
+"""Set by a command for the processes it starts (``--nproc``): the directory whose lock it holds."""
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str = "--out", create: bool = True):
+    """Hold an exclusive lock on directory ``path`` while a command writes into it, so that two
+    commands never write one directory: the second is refused in one line.
+
+    ``flock`` on the directory itself (nothing is added to it), so a crashed or killed command
+    releases it. ``path`` is created (``create``: with its parents) to be locked; if the command
+    fails and leaves what was created empty, it is removed again, so a refused command leaves
+    nothing behind. Where the directory cannot be opened (no permission, a file in the way), the
+    lock is skipped and the command's own check refuses it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    resolved = str(path.resolve())
+    if os.environ.get(LOCK_HELD) == resolved or int(os.environ.get("RANK", "0") or 0) > 0:
+        yield  # a process started under the lock of its launcher, or a rank > 0
+        return
+    created = []
+    for directory in reversed([path, *path.parents]):
+        if not directory.exists():
+            if not create and directory != path:
+                break
+            try:
+                directory.mkdir()
+                created.append(directory)
+            except OSError:
+                break
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"{what} {path} is in use: another dptrain command is writing "
+                                  "there now; wait for it to finish, or choose another "
+                                  "directory.") from None
+        os.environ[LOCK_HELD] = resolved  # for the processes this one starts
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_HELD, None)
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+        for directory in reversed(created):
+            try:
+                directory.rmdir()  # only if the command left it empty
+            except OSError:
+                break
