@@ -340,7 +340,9 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
     else:
         from attacks.membership import model_learned
 
-        privacy = rundir.read_json(run / rundir.PRIVACY)
+        from dptrain.release import read_privacy
+
+        privacy = read_privacy(run / rundir.PRIVACY)
         learned = model_learned(run)
     sizes = sorted({r["space_size"] for r in rows})
 

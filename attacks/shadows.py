@@ -215,9 +215,9 @@ def load_target(run_dir: str | Path, tasks: Sequence[str] = TASKS) -> TargetRun:
             "in the population (train i → i, validation j → N_train + j, test k → N_train + "
             "N_val + k)."
         )
-    privacy = rundir.read_json(run / rundir.PRIVACY)
-    if not isinstance(privacy, dict) or "epsilon" not in privacy:
-        raise ConfigError(f"{run / rundir.PRIVACY} holds no privacy record (key 'epsilon').")
+    from dptrain.release import read_privacy
+
+    privacy = read_privacy(run / rundir.PRIVACY)  # ε as its own history spends it, never less
     return TargetRun(
         run_dir=run,
         config=config,

@@ -28,6 +28,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from .errors import ConfigError, PrivacyBudgetExceeded
 
 ACCOUNTANTS = ("prv", "rdp")
+MAX_STEPS = 10_000_000
+"""The most noisy steps a plan may have (the sampler and the accountant plan them all up front)."""
 
 
 MAX_TARGET_EPSILON = 100.0
@@ -53,6 +55,9 @@ def validate_budget(
         raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}.")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps must be an integer >= 1, got {steps}.")
+    if steps is not None and steps > MAX_STEPS:
+        raise ConfigError(f"{steps:,} steps cannot be planned (at most {MAX_STEPS:,}): fewer "
+                          "epochs, or a larger batch.")
     if accountant is not None and accountant not in ACCOUNTANTS:
         raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}.")
 
@@ -67,6 +72,12 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: 
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha"
         return float(acc.get_epsilon(delta=delta))  # (and PRV's log(1 − q) at q = 1: exact)
+
+
+def epsilon_of(segments: Sequence, delta: float, accountant: str = "prv") -> float:
+    """ε at δ of the composition of ``segments`` (σ, q, steps), e.g. a ledger's prior + history."""
+    validate_budget(delta=delta, accountant=accountant)
+    return _epsilon([(float(s), float(q), int(n)) for s, q, n in segments], float(delta), accountant)
 
 
 def epsilon_after(

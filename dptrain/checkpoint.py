@@ -84,9 +84,43 @@ def load_state(path: Path) -> dict[str, Any]:
         # on the host: a checkpoint written on a GPU resumes anywhere (the optimizer moves its
         # state to the parameters' device when it loads it)
         state["optimizer"] = torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError) as exc:
-        raise ConfigError(f"checkpoint {path} cannot be read: {exc}.") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, RuntimeError, safetensors' own error, ...
+        first = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}); "
+                          "it is damaged: start a new run.") from None
+    check_step_records(state, path)
     return state
+
+
+def check_step_records(state: dict[str, Any], where: Path | str) -> int:
+    """The step count, once every record of it in a checkpoint agrees: ``step``, the privacy
+    ledger's steps, the sampler's and the scheduler's counts, the optimizer's per-parameter
+    counts and the curves' last step. A checkpoint whose records disagree was edited or
+    corrupted: resuming it could train more steps than its ledger pays for, so it is refused."""
+    try:
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r}")
+        records = {"step": step, "sampler step": state["sampler"].get("step", step)}
+        if "last_epoch" in state["scheduler"]:
+            records["scheduler step"] = state["scheduler"]["last_epoch"]
+        if state.get("ledger") is not None:
+            records["ledger steps"] = sum(int(n) for _, _, n in state["ledger"].get("history", []))
+        counts = [int(s["step"]) for s in state.get("optimizer", {}).get("state", {}).values()
+                  if isinstance(s, dict) and "step" in s]
+        if counts:
+            records["optimizer steps"] = max(counts)
+        curve_steps = [int(c["step"]) for c in state["curves"]]
+        if curve_steps and max(curve_steps) > step:
+            records["last curve point"] = max(curve_steps)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"checkpoint {where} is damaged ({exc}); it cannot be resumed.") from None
+    if len(set(records.values())) != 1:
+        shown = ", ".join(f"{k} {v}" for k, v in records.items())
+        raise ConfigError(f"checkpoint {where} disagrees with itself about how many steps were "
+                          f"trained ({shown}): it was edited or corrupted, and resuming it could "
+                          "spend more ε than it records; refused (start a new run).")
+    return step
 
 
 def restore(state: dict[str, Any], *, model, optimizer, scheduler, dp, sampler, seeded: bool):

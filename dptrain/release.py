@@ -109,3 +109,64 @@ def inventory() -> dict[str, dict[str, str]]:
     """Every file a run writes that a user may share, field by field: public, accounted,
     held-out or private (see the module docstring)."""
     return {k: dict(v) for k, v in INVENTORY.items()}
+
+
+EPSILON_AGREEMENT = 1e-3
+"""How far (relative) a recorded ε may fall below the one its own history gives before the record
+is refused: the same accountant on the same segments agrees to ~1e-12; a newer accountant
+release may move the last digits."""
+
+
+def read_privacy(path) -> dict:
+    """A run's ``privacy.json``, checked against itself before anything reports it.
+
+    ε is recomputed from the recorded segments (``prior`` and ``history``, or the single segment
+    (σ, q, steps) of records written before the history was kept) with the recorded accountant
+    and δ; the reported ε is the larger of the two, so no reader ever shows less than was spent.
+    A record whose ε is below its own history's, whose step counts disagree, or that is not
+    private but claims a finite ε, was edited or corrupted: refused (ConfigError).
+    """
+    from pathlib import Path
+
+    from . import rundir
+    from .accounting import ACCOUNTANTS, epsilon_of
+
+    path = Path(path)
+    record = rundir.read_json(path)
+    bad = f"{path} is not a privacy record dptrain can trust"
+    if not isinstance(record, dict) or "epsilon" not in record:
+        raise ConfigError(f"{bad} (no 'epsilon'): it was edited or corrupted.")
+    try:
+        stored = float(record["epsilon"])
+        record["target_epsilon"] = float(record.get("target_epsilon", stored))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{bad} (epsilon {record['epsilon']!r} is not a number).") from None
+    if not record.get("private", math.isfinite(stored)):
+        if math.isfinite(stored):
+            raise ConfigError(f"{bad}: it says the model was trained without privacy but claims "
+                              f"epsilon {stored:g}.")
+        record["epsilon"] = math.inf
+        return record
+    try:
+        accountant, delta = record["accountant"], float(record["delta"])
+        if accountant not in ACCOUNTANTS or not 0 < delta < 1:
+            raise ValueError(f"accountant {accountant!r}, delta {delta!r}")
+        history = record.get("history")
+        if history is None:  # records written before the history was kept: one segment
+            history = [[record["noise_multiplier"], record["sample_rate"], record["steps"]]]
+        segments = [(float(s), float(q), int(n)) for s, q, n in history]
+        prior = [(float(s), float(q), int(n)) for s, q, n in record.get("prior", [])]
+        if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in segments + prior):
+            raise ValueError(f"segments {segments + prior}")
+        if sum(n for _, _, n in segments) != int(record["steps"]):
+            raise ValueError(f"'steps' is {record['steps']} but the history has "
+                             f"{sum(n for _, _, n in segments)}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{bad} ({exc}): it was edited or corrupted.") from None
+    spent = epsilon_of(prior + segments, delta, accountant)
+    if not stored >= spent * (1 - EPSILON_AGREEMENT):
+        raise ConfigError(f"{bad}: it claims epsilon {stored:.4g}, but its own noise multiplier, "
+                          f"sample rate and steps spend {spent:.4g}; it was edited or corrupted.")
+    record["epsilon"] = max(stored, spent)
+    record["delta"] = delta
+    return record

@@ -136,14 +136,15 @@ class SlotBatches:
         return self.net(**self.batch(split, idx))
 
 
-def load_encoder(name: str, dropout: float | None = None):
+def load_encoder(name: str):
     """(encoder, tokenizer, pooling) of ``tiny``, a packaged encoder (``minilm``, ``mpnet``) or a
     local directory."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from .encoders import PACKAGED, packaged_path
-    from .models import TINY, _QuietHF, _load_encoder, _sentence_transformer_pooling, \
-        refuse_pickled_weights, tiny_tokenizer
+    from .errors import ModelError
+    from .models import TINY, UNREADABLE, _QuietHF, _load_encoder, \
+        _sentence_transformer_pooling, refuse_pickled_weights, tiny_tokenizer
 
     if name == TINY:
         tokenizer = tiny_tokenizer()
@@ -155,9 +156,14 @@ def load_encoder(name: str, dropout: float | None = None):
     if not path.is_dir():
         raise ConfigError(f"model {name!r} not found: give tiny, minilm, mpnet or a local directory.")
     refuse_pickled_weights(path)
-    with _QuietHF():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, add_prefix_space=True)
-        encoder = _load_encoder(path)
+    try:
+        with _QuietHF():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                      add_prefix_space=True)
+            encoder = _load_encoder(path)
+    except UNREADABLE as exc:
+        raise ModelError(f"cannot load model {name!r} as an encoder: "
+                         f"{' '.join(str(exc).split())}") from None
     return encoder, tokenizer, _sentence_transformer_pooling(path) or "cls"
 
 
@@ -226,12 +232,24 @@ def save_joint(model: JointIntentSlotModel, tokenizer, path: Path, intents, tags
 
 
 def load_joint(path: str | Path):
-    """(model, tokenizer, meta) of a saved joint model, in eval mode (safetensors only)."""
+    """(model, tokenizer, meta) of a saved joint model, in eval mode (safetensors only); a
+    damaged one is refused in one line."""
+    from .errors import ModelError
+    from .models import UNREADABLE
+
+    try:
+        return _load_joint(Path(path))
+    except UNREADABLE as exc:
+        raise ModelError(f"cannot load the joint model in {path}: "
+                         f"{' '.join(str(exc).split())}") from None
+
+
+def _load_joint(path: Path):
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(path)
-    meta = json.loads((path / JOINT_FORMAT).read_text())
+    meta = rundir.read_json(path / JOINT_FORMAT)
     meta["tagset"] = tags_of(meta)
     from .models import _QuietHF
 
@@ -273,14 +291,14 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .models import set_trainable
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
-                          _progress, finish_bookkeeping, fingerprint, insert_gradient_canaries,
-                          optimization, prepare_out_dir, public_size, recipe, write_curves)
+                          _progress, finish_bookkeeping, finished_run, fingerprint,
+                          insert_gradient_canaries, optimization, plan_steps, prepare_out_dir,
+                          public_size, recipe, write_curves)
 
     started = time.monotonic()
     out = Path(out_dir)
     if prepare_out_dir(out, resume):
-        finish_bookkeeping(out)
-        return RunSummary.load(out)
+        return finished_run(out)
     config, state = _config_and_checkpoint(config, out, resume, data)
     torch.manual_seed(config.seed)
     if data is None:
@@ -293,6 +311,10 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
                           "needs the same data.")
     device, precision = resolve(config.device, config.precision, config.private)
     encoder, tokenizer, pooling = load_encoder(config.model)
+    if config.dropout is not None:  # as for intents: every dropout layer inside the encoder
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = float(config.dropout)
     if config.pooling != "auto":
         pooling = config.pooling
     n_natural = len(data.train)
@@ -349,11 +371,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     model.to(device)
     enc = {name: encode_slots(tokenizer, split, data.intents, tagset, config.max_length)
            for name, split in data.splits.items()}
-    if config.batch_size > min(n, size):
-        raise ConfigError(f"batch_size must be <= the training set size {min(n, size)}, got "
-                          f"{config.batch_size}.")
-    sample_rate = config.batch_size / size
-    steps = max(1, round(config.epochs / sample_rate))
+    sample_rate, steps = plan_steps(config, n, size)
     from .features import cacheable
 
     batches = SlotBatches(model, enc, tokenizer.pad_token_id, device,

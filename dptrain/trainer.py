@@ -352,9 +352,9 @@ class RunSummary:
         out = Path(out_dir)
         if not (out / rundir.PRIVACY).exists():
             raise ConfigError(f"{out} holds no finished run (no {rundir.PRIVACY}).")
-        privacy = rundir.read_json(out / rundir.PRIVACY)
-        for key in ("epsilon", "target_epsilon"):
-            privacy[key] = float(privacy[key])
+        from .release import read_privacy
+
+        privacy = read_privacy(out / rundir.PRIVACY)  # ε as its own history spends it, never less
         metrics = rundir.read_json(out / rundir.METRICS)
         config = TrainConfig.saved(rundir.read_json(out / rundir.CONFIG)["config"])
         return cls(out, config, privacy, metrics, float(metrics.get("train_seconds", 0.0)))
@@ -507,6 +507,37 @@ def finish_bookkeeping(out: Path) -> None:
     rundir.clean_temporaries(out)
 
 
+def plan_steps(config: TrainConfig, n: int, size: int) -> tuple[float, int]:
+    """q = B/M and steps = round(epochs/q) for the public size M (``size``), checked: B must fit
+    both the rows there are (N) and M, and the steps must be plannable."""
+    from .accounting import validate_budget
+
+    if config.batch_size > min(n, size):
+        raise ConfigError(f"batch_size must be <= the training set size {min(n, size)}, got "
+                          f"{config.batch_size}.")
+    sample_rate = config.batch_size / size
+    steps = max(1, round(config.epochs / sample_rate))
+    validate_budget(steps=steps)
+    return sample_rate, steps
+
+
+def finished_run(out: Path) -> RunSummary:
+    """The summary of the finished run in ``out`` once every file of it is there and its privacy
+    record checks out; only then the bookkeeping a crash interrupted (dropping the checkpoint).
+    A ``privacy.json`` without the files written before it is not a commit point: refused, and
+    nothing is deleted."""
+    missing = [name for name in (rundir.CONFIG, rundir.METRICS, rundir.MODEL)
+               if not (out / name).exists()]
+    if missing:
+        raise ConfigError(
+            f"{out} holds {rundir.PRIVACY} but not {', '.join(missing)}, which a finished run "
+            f"writes before it: not a finished run (a stray or copied {rundir.PRIVACY}?). Nothing "
+            f"was changed; move {rundir.PRIVACY} away to resume from the checkpoint.")
+    summary = RunSummary.load(out)
+    finish_bookkeeping(out)
+    return summary
+
+
 def train_run(
     config: TrainConfig,
     out_dir: str | Path,
@@ -544,9 +575,9 @@ def train_run(
         raise ConfigError("early stopping and white-box audits run in one process; drop "
                           "--nproc / torchrun for them.")
     if prepare_out_dir(out, resume):
-        finish_bookkeeping(out)
+        summary = finished_run(out)
         log.warning("%s holds a finished run; nothing left to train", out)
-        return RunSummary.load(out)
+        return summary
     from .features import feature_store
 
     with feature_store(out / rundir.FEATURES, reuse_open=True):  # encode once per data, not per process
@@ -699,11 +730,7 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
     if config.dropout is not None:
         set_encoder_dropout(model, config.dropout)
     enc = {name: encode(tokenizer, split, config.max_length) for name, split in data.splits.items()}
-    if config.batch_size > min(n, size):
-        raise ConfigError(f"batch_size must be <= the training set size {min(n, size)}, got "
-                          f"{config.batch_size}.")
-    sample_rate = config.batch_size / size
-    steps = max(1, round(config.epochs / sample_rate))
+    sample_rate, steps = plan_steps(config, n, size)
 
     batches = Batches(model, enc, tokenizer.pad_token_id, cache_features=cacheable(model),
                       progress=progress, device=device, precision=precision)
