@@ -84,7 +84,9 @@ def load_foreign_classifier(model_dir: str | Path):
         raise ModelError(f"model directory {model_dir} not found.")
     config_path = model_dir / "config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        from dptrain import rundir
+
+        config = rundir.read_json(config_path)
         architectures = config.get("architectures") or []
         if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
             raise ModelError(f"{model_dir} is not a sequence classifier (architectures "

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +298,7 @@ class DPTrainer(Trainer):
         if not path.is_file():
             raise ConfigError(f"{checkpoint} has no {PRIVACY_FILE}: it was not written by DPTrainer "
                               "(or only partly); the ε it spent is unknown, so it cannot be resumed.")
-        saved = json.loads(path.read_text())
+        saved = rundir.read_json(path)
         dp = self.dp
         for key, mine in (("noise_multiplier", dp.noise_multiplier), ("sample_rate", dp.sample_rate),
                           ("planned_steps", dp.steps), ("num_examples", self._num_examples)):
@@ -313,7 +312,7 @@ class DPTrainer(Trainer):
                 torch.tensor(g, dtype=torch.uint8) for g in saved["noise"]["generators"]]})
         else:
             dp.sampler.step = int(saved["sampler_step"])
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = rundir.read_json(checkpoint / "trainer_state.json")
         if not dp.ledger.steps == dp.sampler.step == state["global_step"]:
             raise ConfigError(f"{checkpoint} is inconsistent: {dp.ledger.steps} noisy steps in its "
                               f"ledger, {state['global_step']} in its trainer state.")

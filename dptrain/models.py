@@ -37,6 +37,7 @@ from torch import nn
 
 from .encoders import MINILM, MPNET, PACKAGED, packaged_path
 from .errors import ConfigError, ModelError
+from .rundir import read_json as _read_json
 
 TINY = "tiny"
 TRAINABLE_HELP = "all | head | last-K (top K blocks + head) | bias (BitFit) | lora"
@@ -190,6 +191,17 @@ def _sentence_transformer_pooling(path: Path) -> str | None:
     return None
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+UNREADABLE = _unreadable()
+"""What loading a damaged or foreign model directory raises (truncated safetensors included):
+callers turn it into one line."""
+
+
 class _QuietHF:
     """HF logging at error level and no progress bars, for loads whose warnings are expected."""
 
@@ -251,7 +263,7 @@ def load_model(name: str, num_labels: int, label_names: Sequence[str] | None = N
                     path, num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True,
                     use_safetensors=True, **_label_maps(label_names),
                 )
-    except (OSError, ValueError, KeyError) as exc:
+    except UNREADABLE as exc:
         where = "in that directory" if local else "locally (hub names load from the local cache only)"
         reason = " ".join(str(exc).split()) or type(exc).__name__  # whole, on one line
         raise ModelError(
@@ -294,7 +306,7 @@ def load_trained(model_dir: str | Path):
     pooled = model_dir / _POOLED_FORMAT
     if not pooled.exists() and not (model_dir / "config.json").exists():
         raise ModelError(f"{model_dir} holds no trained classifier.")
-    meta = json.loads(pooled.read_text()) if pooled.exists() else None
+    meta = _read_json(pooled) if pooled.exists() else None
     reference = (meta or {}).get("encoder_reference")
     if reference is None:
         refuse_pickled_weights(model_dir / "encoder" if pooled.exists() else model_dir)
@@ -311,7 +323,7 @@ def load_trained(model_dir: str | Path):
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     model_dir, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except UNREADABLE as exc:
         raise ModelError(f"cannot load the classifier in {model_dir}: {' '.join(str(exc).split())}") from exc
     return model.eval(), tokenizer
 

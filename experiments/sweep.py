@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ import numpy as np
 
 from dptrain.errors import ConfigError
 from dptrain.features import stored_in
+from dptrain.rundir import read_json as _read
 
 KEYS = {"name", "data", "model", "epsilons", "seeds", "recipe", "variants", "attacks"}
 ATTACK_KEYS = {"mia": {"shadows"}, "audit": {"canaries"}, "white_box": {"canaries"},
@@ -129,16 +129,21 @@ def load_config(source: str | Path | dict) -> SweepConfig:
         if key not in raw:
             problems.append(f"{key!r} is missing")
     epsilons, seeds = [], []
-    for e in raw.get("epsilons") or []:
+    for key in ("epsilons", "seeds"):
+        if key in raw and not isinstance(raw[key], list):
+            problems.append(f"{key} must be a list, e.g. {key}: [{raw[key]}]")
+    from dptrain.accounting import MAX_TARGET_EPSILON
+
+    for e in _listed(raw.get("epsilons")):
         if isinstance(e, str) and e.strip().lower() in ("inf", "infinity"):
             epsilons.append(math.inf)
-        elif isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0:
+        elif (isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= MAX_TARGET_EPSILON):
             epsilons.append(float(e))
         else:
-            problems.append(f"epsilons: {e!r} is not a number > 0 or 'inf'")
+            problems.append(f"epsilons: {e!r} is not a number in (0, {MAX_TARGET_EPSILON:g}] or 'inf'")
     if "epsilons" in raw and not raw["epsilons"]:
         problems.append("epsilons is empty")
-    for s in raw.get("seeds") or []:
+    for s in _listed(raw.get("seeds")):
         if isinstance(s, int) and not isinstance(s, bool):
             seeds.append(s)
         else:
@@ -173,6 +178,9 @@ def load_config(source: str | Path | dict) -> SweepConfig:
             value = options.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 problems.append(f"attacks.{name}.{key} must be an integer >= {low}, got {value!r}")
+            elif key == "shadows" and value is not None and value % 2:
+                problems.append(f"attacks.{name}.shadows must be even (every example is IN for "
+                                f"exactly half of the shadow models), got {value}")
         if name == "extraction":
             problems += _extraction_problems(options, recipe, variants)
     if not problems:
@@ -190,11 +198,25 @@ def load_config(source: str | Path | dict) -> SweepConfig:
                 problems.append(f"variants.{variant}: {exc}")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ".")
-    return SweepConfig(name=str(raw.get("name", "sweep")), data=str(raw["data"]),
+    return SweepConfig(name=str(raw.get("name", "sweep")), data=_where(raw["data"]),
                        model=str(raw.get("model", "minilm")), epsilons=tuple(epsilons),
                        seeds=tuple(seeds), recipe=dict(recipe),
                        variants={str(k): dict(v) for k, v in variants.items()},
                        attacks={str(k): dict(v or {}) for k, v in attacks.items()})
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _where(path) -> str:
+    """A data path as every later run of the sweep will see it: resolved once, against the
+    directory the sweep runs from (as ``dptrain train --data`` is), so that rerunning the same
+    command, or the same config with the absolute path written out, is the same sweep."""
+    text = str(path)
+    if text == "synthetic":
+        return text
+    return str(Path(text).expanduser().resolve())
 
 
 def _extraction_problems(options: dict[str, Any], recipe: Any, variants: Any) -> list[str]:
@@ -466,11 +488,10 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     dirs = [d for d, needs in (("cells", None), ("shadows", "mia"), ("audits", "audit"),
                                ("whitebox", "white_box")) if needs is None or needs in cfg.attacks]
     outputs.check(files=(PLAN, TIMING) + sweep_report.FILES, dirs=dirs)
-    if outputs.owns(PLAN):
-        if json.loads((out / PLAN).read_text()) != cfg.to_dict():
-            raise ConfigError(f"--out {out} holds a different sweep ({PLAN} differs); continue it "
-                              "with its own config or choose a new directory.")
-    else:
+    if outputs.owns(PLAN) and _read(out / PLAN) != cfg.to_dict() and _started(out):
+        raise ConfigError(f"--out {out} holds a different sweep ({PLAN} differs); continue it "
+                          "with its own config or choose a new directory.")
+    if not outputs.owns(PLAN) or _read(out / PLAN) != cfg.to_dict():  # (nothing trained yet)
         preflight(cfg)
         outputs.write_json(PLAN, cfg.to_dict())
     for d in dirs:
@@ -533,23 +554,51 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     return rows
 
 
+def _started(out: Path) -> bool:
+    """Whether any job of the sweep in ``out`` has written anything (a plan alone can still be
+    corrected)."""
+    return any(any(p.iterdir()) for p in (out / d for d in ("cells", "shadows", "audits", "whitebox"))
+               if p.is_dir())
+
+
 def preflight(cfg: SweepConfig) -> None:
-    """Load every model and data source of the sweep once (no training), so that a typo in a
-    path is refused before the sweep writes anything."""
+    """Load every model and data source of the sweep once (no training), and check what needs
+    the data's size (δ < 1/N, audit canaries ≤ N), so that a typo in a path or a value out of
+    range is refused before the sweep writes anything."""
     from dptrain.data import load_intent_data
     from dptrain.models import load_model
 
     seen = set()
     for variant in cfg.variants:
         recipe = cfg.train_config(variant, cfg.seeds[0], cfg.epsilons[0])
-        key = (recipe.data, recipe.model, recipe.pooling, recipe.text_column, recipe.label_column)
+        key = (recipe.task, recipe.data, recipe.model, recipe.pooling, recipe.text_column,
+               recipe.label_column, recipe.delta)
         if key in seen:
             continue
         seen.add(key)
-        data = load_intent_data(recipe.data, text_column=recipe.text_column,
-                                label_column=recipe.label_column, seed=recipe.seed,
-                                synthetic_per_intent=recipe.synthetic_per_intent)
-        load_model(recipe.model, data.num_labels, data.label_names, recipe.pooling)
+        if recipe.task == "joint":  # the joint trainer's reader (SNIPS layout, token/tag rows)
+            from dptrain.slot_data import load_slot_data
+            from dptrain.slot_trainer import load_encoder
+
+            data = load_slot_data(recipe.data, seed=recipe.seed,
+                                  synthetic_per_intent=recipe.synthetic_per_intent)
+        else:
+            data = load_intent_data(recipe.data, text_column=recipe.text_column,
+                                    label_column=recipe.label_column, seed=recipe.seed,
+                                    synthetic_per_intent=recipe.synthetic_per_intent)
+        n = len(data.train)
+        if recipe.delta is not None and not recipe.delta < 1.0 / n:
+            raise ConfigError(f"variants.{variant}: delta must be < 1/N = {1.0 / n:.3g} for the "
+                              f"{n} training examples of {recipe.data}, got {recipe.delta:g}.")
+        for name in ("audit", "white_box"):
+            canaries = cfg.attacks.get(name, {}).get("canaries")
+            if name == "audit" and canaries is not None and canaries > n:
+                raise ConfigError(f"attacks.audit.canaries must be at most the {n} training "
+                                  f"examples of {recipe.data}, got {canaries}.")
+        if recipe.task == "joint":
+            load_encoder(recipe.model)
+        else:
+            load_model(recipe.model, data.num_labels, data.label_names, recipe.pooling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,7 +633,7 @@ def collect_rows(cfg: SweepConfig, out: Path) -> list[dict[str, Any]]:
 def _membership_fields(report_path: Path) -> dict[str, Any]:
     from attacks.metrics import fpr_key
 
-    report = json.loads(report_path.read_text())
+    report = _read(report_path)
     attacks = report["attacks"].values()
     return {
         "mia_best_auc": max(a["auc"] for a in attacks),
@@ -600,13 +649,13 @@ def _audit_fields(where: Path) -> dict[str, Any]:
     from attacks.audit_run import REPORT as AUDIT_REPORT, RUN
     from dptrain.trainer import RunSummary
 
-    report = json.loads((where / AUDIT_REPORT).read_text())
+    report = _read(where / AUDIT_REPORT)
     return {"audit_epsilon_lb": report["one_run"]["epsilon_lb"],
             "audit_seconds": RunSummary.load(where / RUN).seconds}
 
 
 def _white_box_fields(report_path: Path) -> dict[str, Any]:
-    report = json.loads(report_path.read_text())
+    report = _read(report_path)
     seconds = report.get("seconds", {})
     return {"whitebox_epsilon_lb": report["epsilon_lb"],
             "whitebox_seconds": sum(v for v in seconds.values() if isinstance(v, (int, float)))}
@@ -615,7 +664,7 @@ def _white_box_fields(report_path: Path) -> dict[str, Any]:
 def _extraction_fields(report_path: Path) -> dict[str, Any]:
     """Per repetition count R: mean exposure (bits) and the share of secrets recovered exactly
     (by enumeration when it ran, else by the relaxation); uncalibrated scores."""
-    report = json.loads(report_path.read_text())
+    report = _read(report_path)
     fields: dict[str, Any] = {"extraction_seconds": report.get("seconds")}
     for r, entry in report["by_repetitions"].items():
         raw = entry.get("raw", {})

@@ -390,10 +390,11 @@ def _finished_demo(out: Path, proc: subprocess.CompletedProcess) -> None:
     assert {"sweep.json", "results.csv", "report.html", "timing.json"} <= set(manifest["files"])
 
 
-def test_demo_killed_before_and_after_a_checkpoint_restarts_then_resumes_the_run(tmp_path):
-    """Killed before the first cell's first checkpoint, the demo restarts that cell; killed
-    after the next cell's checkpoint, the demo resumes that one from it (one chain of kills:
-    each full demo costs ~50 s). A cell's line is printed when its job ends."""
+def test_demo_killed_before_and_after_a_checkpoint_restarts_resumes_and_reports(tmp_path):
+    """The main job, quick version (∞ / 8 / 1, every attack and audit, the report, the table),
+    run as a user whose machine dies twice: killed before the first cell's first checkpoint,
+    the demo restarts that cell; killed after the next cell's checkpoint, it resumes that one
+    from it. A cell's line is printed when its job ends."""
     out = tmp_path / "demo"
     cells = out / "cells" / "default" / "seed0"
     kill_when([*DEMO, "--out", out], (cells / "epsinf" / "config.json").exists)
@@ -410,6 +411,36 @@ def test_demo_killed_before_and_after_a_checkpoint_restarts_then_resumes_the_run
     _finished_demo(out, proc)
     assert "train default/seed0/ε=8: resumed (from its checkpoint)" in proc.stdout
     assert "ε=inf: resumed" not in proc.stdout and "ε=inf: restarted" not in proc.stdout
+
+    # what the finished demo holds (this chain is also the suite's one full demo: ~50 s each)
+    import csv
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows[1:]:
+        spent, target = float(r["epsilon"]), float(r["target_epsilon"])
+        assert 0.9 * target < spent <= target
+        # no audit or attack may prove more leakage than the claim: that would be a privacy bug
+        for key in ("mia_epsilon_lb_cp", "audit_epsilon_lb", "whitebox_epsilon_lb"):
+            assert 0.0 <= float(r[key]) <= spent
+    assert float(rows[0]["whitebox_epsilon_lb"]) > float(rows[2]["epsilon"])  # ∞: the audit sees it
+    for name in ("report.html", "accuracy.png", "attacks.png", "audit.png", "extraction.png",
+                 "per_class.png", "timing.json"):
+        assert (out / name).stat().st_size > 0
+    for word in ("ε target", "MIA TPR@1%", "white-box ε≥", "Where to look", "report.html"):
+        assert word in proc.stdout
+
+    # a second demo reuses every run and report: nothing is trained or attacked again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("report.json")}
+    again = dptrain(*DEMO, "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("report.json")} == stamps
+    assert json.loads((out / "timing.json").read_text())["this_invocation"]["train"]["ran"] == 0
+
+    # a report the user edited since is theirs: refused, one line, left as it is
+    (out / "report.html").write_text("my notes")
+    refused(dptrain(*DEMO, "--out", out), "demo", "report.html")
+    assert (out / "report.html").read_text() == "my notes"
 
 
 def test_demo_refuses_a_run_of_another_recipe(tmp_path):
