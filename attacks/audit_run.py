@@ -252,6 +252,13 @@ def resume_audit(out_dir: str | Path, *, progress: bool = True) -> AuditOutcome:
         raise ConfigError(f"--out {out} not found: there is no stopped audit to resume.")
     if outputs.owns(REPORT):
         raise ConfigError(f"--out {out} holds a finished audit; there is nothing to resume.")
+    from attacks.whitebox_audit import stopped_white_box
+
+    if stopped_white_box(out):
+        raise ConfigError(
+            f"--out {out} holds a white-box audit that stopped before its report; white-box "
+            "audits cannot be resumed (their canaries' running scores were in memory): run the "
+            "same dptrain audit --white-box command again, it starts over in this directory.")
     if not (outputs.owns(PLAN) and outputs.owns(CANARIES)):
         raise ConfigError(
             f"--out {out} holds no stopped audit to resume: no {PLAN} and {CANARIES} that "

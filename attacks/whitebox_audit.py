@@ -46,6 +46,24 @@ COMMAND = "dptrain audit --white-box"
 DEFAULT_CANARIES = 100_000
 GUESS_FRACTIONS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
 SECRETS = "canaries.npz"
+
+
+def stopped_white_box(out: Path) -> bool:
+    """Whether ``out`` holds a white-box audit this command began and that stopped before its
+    report (killed while training or scoring)."""
+    outputs = OutputDir(out, COMMAND)
+    return Path(out).is_dir() and outputs.owns(PLAN) and not outputs.owns(REPORT)
+
+
+def _clear(outputs: OutputDir) -> None:
+    """Remove what a stopped white-box audit wrote (and only that), so it can start over."""
+    import shutil
+
+    if outputs.owns_dir(RUN):
+        shutil.rmtree(outputs.path / RUN, ignore_errors=True)
+        outputs.unclaim_dir(RUN)
+    for name in (PLAN, SECRETS, SCORES_PNG):
+        outputs.remove(name)
 VIEWS = ("all_iterates", "last_iterate")
 
 
@@ -209,6 +227,8 @@ def run_white_box_audit(config, out_dir: str | Path, options: WhiteBoxOptions | 
     config = dataclasses.replace(config, model=resolve_model(config.model, config.task))
     options = options or WhiteBoxOptions()
     outputs = OutputDir(out_dir, COMMAND)
+    if stopped_white_box(outputs.path):  # it cannot be resumed: this audit starts it over
+        _clear(outputs)
     check_new_audit_dir(outputs, resumable=False)
     m = options.canaries if options.canaries is not None else DEFAULT_CANARIES
     canaries = DiracCanaries(m, seed=options.canary_seed,  # checks m

@@ -334,7 +334,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             skip = token == "--nproc"
             if not skip:
                 argv.append(token)
-        return launch(args.nproc, argv)
+        return launch(args.nproc, argv, resume_hint=f"continue with dptrain train --resume "
+                      f"--out {args.out}", verbose=args.verbose)
     dist = init_from_env()  # under torchrun: join the group
     summary = train_run(config, args.out, resume=args.resume,
                         progress=not args.quiet and (dist is None or dist.main))
@@ -415,8 +416,9 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
 
     attacks = args.attacks.split(",") if args.attacks is not None else None
     if (args.run is None) == (args.model is None):
-        raise ConfigError("give --run (a dptrain run) or --model (a classifier trained "
-                          "elsewhere, with --data and --members), not both.")
+        which = "neither" if args.run is None else "both"
+        raise ConfigError(f"give exactly one of --run (a dptrain run) or --model (a classifier "
+                          f"trained elsewhere, with --data and --members); got {which}.")
     if args.model is not None:
         from attacks.foreign import run_foreign_membership_inference
 

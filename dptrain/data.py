@@ -589,6 +589,19 @@ def _label_names(train_labels: Iterable[str], order: tuple[str, ...] | None) -> 
     return tuple(sorted(present))
 
 
+def _warn_near_duplicate_labels(names, shown: str) -> None:
+    """Labels that differ only in case or surrounding spaces (``refund``, `` REFUND ``) are
+    different classes, as written; almost always a typo, so say so (once, naming them)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(" ".join(str(name).split()).casefold(), []).append(str(name))
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if clashes:
+        shown_clashes = "; ".join(" / ".join(repr(n) for n in g) for g in clashes[:3])
+        logger.warning("%s: labels that differ only in case or spaces are separate classes: %s%s",
+                       shown, shown_clashes, " ..." if len(clashes) > 3 else "")
+
+
 def _assemble(
     raw: _Raw, shown: str, seed: int, validation_fraction: float, test_fraction: float
 ) -> IntentData:
@@ -619,6 +632,7 @@ def _assemble(
         splits.update({name: [train_rows[i] for i in index] for name, index in parts.items()})
 
     names = _label_names((label for _, label in splits["train"]), raw.label_order)
+    _warn_near_duplicate_labels(names, shown)
     if len(names) < 2:
         raise DataError(
             f"{shown} must have at least 2 classes in train, got {len(names)}: "

@@ -24,6 +24,7 @@ NCCL on CUDA and gloo on CPUs.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from typing import Sequence
 
@@ -110,9 +111,20 @@ def init_from_env() -> Distributed | None:
     return current()
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+_FAILURE_STARTS = re.compile(
+    rb"^(\[rank\d+\]:\s*)?(Traceback \(most recent call last\)|E\d{4} |W\d{4} .*signal)",
+    re.MULTILINE)
+
+
+def launch(nproc: int, argv: Sequence[str], *, command: str = "dptrain train",
+           resume_hint: str = "continue with --resume", verbose: bool = False) -> int:
     """``dptrain <argv>`` on ``nproc`` local processes (torch.distributed.run, standalone
-    rendezvous); returns its exit code. A rank that fails stops the others."""
+    rendezvous); returns its exit code. A rank that fails stops the others.
+
+    The ranks' output passes through (progress bar included) until a failure report begins
+    (a Python traceback, torchrun's error log); then, instead of the walls of tracebacks every
+    rank and the launcher print, one line: a rank's own ``dptrain ...: error:`` line if it
+    printed one (exit 2), else which rank died and how (exit 1). ``verbose`` passes all."""
     import subprocess
     import sys
 
@@ -120,4 +132,48 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         raise ConfigError(f"--nproc must be an integer >= 1, got {nproc!r}.")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "dptrain", *argv]
-    return subprocess.run(cmd).returncode
+    # each rank's threads: the cores shared out (torchrun would set 1, and warn about it)
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+    if verbose:
+        return subprocess.run(cmd, env=env).returncode
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    held, failing, own_error = b"", False, f"{command}: error: ".encode()
+    said = False  # a rank printed its own one-line error
+    sink = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        if failing:
+            held += chunk
+            continue
+        found = _FAILURE_STARTS.search(chunk)
+        passed, rest = (chunk, b"") if found is None else (chunk[:found.start()], chunk[found.start():])
+        # (a rank's one-line error passes as it is; the report after it is held back)
+        said = said or own_error in passed
+        if passed and sink is not None:
+            sink.write(passed)
+            sink.flush()
+        elif passed:
+            sys.stderr.write(passed.decode("utf-8", "replace"))
+        if found is not None:
+            failing, held = True, rest
+    code = proc.wait()
+    if code == 0 or not failing:
+        if held:
+            sys.stderr.write(held.decode("utf-8", "replace"))
+        return code
+    text = held.decode("utf-8", "replace")
+    if said:
+        return 2
+    own = re.search(rf"^(?:\[rank\d+\]:\s*)?({re.escape(command)}: error: .*)$", text, re.MULTILINE)
+    if own:
+        print(own.group(1), file=sys.stderr)
+        return 2
+    text = text[text.find("Root Cause"):] if "Root Cause" in text else text  # torchrun's verdict
+    rank = re.search(r"rank\s*:\s*(\d+)", text)
+    signal = re.search(r"Signal (\d+) \((\w+)\)", text)
+    exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", text)
+    how = (f"was killed ({signal.group(2)})" if signal else
+           f"exited with code {exitcode.group(1)}" if exitcode else "failed")
+    who = f"rank {rank.group(1)}" if rank else "a rank"
+    print(f"{command}: error: {who} {how}, so every rank stopped; {resume_hint} (run with -v "
+          "to see the ranks' own reports).", file=sys.stderr)
+    return 1

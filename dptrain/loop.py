@@ -194,7 +194,6 @@ class TrainingLoop:
         post = {key: f"{curves[-1][key]:.3f}" if curves else "…"}
         if curves:
             post["val_acc"] = f"{curves[-1]['val_accuracy']:.3f}"
-        if self.run.dp is not None and curves:
-            post["eps"] = (f"{curves[-1]['epsilon']:.2f}@{curves[-1]['step']}/"
-                           f"{self.run.config.epsilon:g}")
+        if self.run.dp is not None and curves:  # spent at the last evaluation, of the target
+            post["ε"] = f"{curves[-1]['epsilon']:.2f} of {self.run.config.epsilon:g}"
         self.bar.set_postfix(post, refresh=False)

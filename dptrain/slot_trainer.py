@@ -292,7 +292,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .slot_data import load_slot_data
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
                           _progress, finish_bookkeeping, finished_run, fingerprint,
-                          insert_gradient_canaries, optimization, plan_steps, prepare_out_dir,
+                          insert_gradient_canaries, note_planted, optimization, plan_steps, prepare_out_dir,
                           public_size, recipe, write_curves)
 
     started = time.monotonic()
@@ -332,6 +332,8 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
                 config.dp_seed)]
         data = insert_slot_secrets(data, planted)
     n = len(data.train)
+    if state is None:
+        note_planted(n_natural, n)
     # Every released number comes from the public size, never from n (dptrain.release).
     config, size, spent = public_size(config, n, state)
     trainable = config.trainable
@@ -445,7 +447,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
             save_joint(shipped, tokenizer, tmp, data.intents, tagset)
 
     rundir.replace_dir(out / rundir.MODEL, write_model)
-    write_curves(out, loop.curves, None)
+    write_curves(out, loop.curves, config)
     rundir.write_json(out / rundir.METRICS, metrics)
     rundir.write_json(out / rundir.PRIVACY, privacy)  # last: the commit point
     finish_bookkeeping(out)

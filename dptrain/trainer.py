@@ -507,6 +507,14 @@ def finish_bookkeeping(out: Path) -> None:
     rundir.clean_temporaries(out)
 
 
+def note_planted(n_natural: int, n: int) -> None:
+    """Say so when planted secret copies make up a large part of the training set: the public
+    size, δ and the recipe follow the grown set."""
+    if n - n_natural > 0.1 * n_natural:
+        log.warning("the %d planted secret copies grow the training set from %d to %d examples "
+                    "(the public size, delta and the recipe follow it)", n - n_natural, n_natural, n)
+
+
 def plan_steps(config: TrainConfig, n: int, size: int) -> tuple[float, int]:
     """q = B/M and steps = round(epochs/q) for the public size M (``size``), checked: B must fit
     both the rows there are (N) and M, and the steps must be plannable."""
@@ -712,6 +720,8 @@ def _build(config: TrainConfig, out: Path, data, state, dist, progress: bool):
             config.dp_seed)
         data = insert_secrets(data, planted)
     n = len(data.train)
+    if state is None:
+        note_planted(n_natural, n)
     # Every released number comes from the public size, never from n (dptrain.release).
     config, size, spent = public_size(config, n, state, dist)
     trainable = config.trainable
@@ -983,7 +993,7 @@ def write_curves(out: Path, curves, config) -> None:
     rundir.write_json(out / rundir.CURVES, public)
     rundir.write_json(out / rundir.TRAIN_CURVES, [
         {"step": c["step"], **{k: c[k] for k in PRIVATE_CURVE_KEYS if k in c}} for c in curves])
-    if config is not None:  # (slot runs write no figure)
+    if config is not None:
         _plot_curves(out / rundir.CURVES_PNG, public, config)
 
 
@@ -997,8 +1007,10 @@ def _plot_curves(path: Path, curves, config) -> None:
     fig, axes = plt.subplots(1, 3 if config.private else 2, figsize=(12 if config.private else 8, 3.2))
     axes[0].plot(epochs, [c["val_loss"] for c in curves], marker="o", label="validation")
     axes[0].set(xlabel="epoch", ylabel="loss", title="validation loss")
+    score = "slot F1" if config.task == "slots" else "intent accuracy" if config.task == "joint" \
+        else "accuracy"
     axes[1].plot(epochs, [c["val_accuracy"] for c in curves], marker="o", color="tab:green")
-    axes[1].set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
+    axes[1].set(xlabel="epoch", ylabel=score, title=f"validation {score}", ylim=(0, 1))
     if config.private:
         axes[2].plot(epochs, [c["epsilon"] for c in curves], marker="o", color="tab:red")
         axes[2].axhline(config.epsilon, ls="--", color="gray", label=f"target ε = {config.epsilon:g}")

@@ -200,6 +200,9 @@ def test_a_killed_rank_stops_the_job_and_resume_keeps_the_epsilon(tmp_path, resu
     os.kill(worker, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0  # the whole job stopped, not just one rank
+    # one line, not every rank's traceback: who died, and how to go on
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err[-3000:]
+    assert "rank 1 was killed (SIGKILL)" in err and f"--resume --out {out}" in err, err
     assert not (out / "privacy.json").exists()
     stopped = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
     assert stopped >= 3

@@ -249,3 +249,25 @@ def test_sweep_problems_that_need_the_data_are_refused_before_writing(tmp_path):
     line = one_line_error(dptrain("sweep", "--config", config, "--out", out, "--quiet"))
     assert "delta must be < 1/N" in line
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ a killed white-box audit
+
+def test_a_killed_white_box_audit_says_why_and_starts_over_in_place(tmp_path):
+    """`audit --resume` used to say 'no audit.json and canaries.json' beside its audit.json,
+    and a fresh white-box audit into that directory was refused."""
+    out = tmp_path / "wb"
+    command = ["audit", "--white-box", "--model", "tiny", "--data", "synthetic",
+               "--synthetic-per-intent", "12", "--epochs", "2", "--batch-size", "32",
+               "--canaries", "200", "--epsilon", "4", "--quiet", "--out", out]
+    killed = dptrain(*command, prelude=KILL_AT.format(
+        module="dptrain.checkpoint", name="save_checkpoint", nth=1,
+        before="_original(*args, **kwargs)"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "audit.json").exists() and (out / "run" / "checkpoint").exists()
+    before = tree(out)
+    refused_unchanged(dptrain("audit", "--resume", "--out", out), out, before,
+                      "white-box audit that stopped", "run the same dptrain audit --white-box")
+    again = dptrain(*command)
+    assert again.returncode == 0, again.stderr
+    assert (out / "report.json").exists() and (out / "run" / "privacy.json").exists()
