@@ -91,8 +91,9 @@ def _umask() -> int:
     return mask
 
 
-def _cannot_write(path: Path, exc: OSError) -> OutputError:
-    return OutputError(f"cannot write {path}: {exc.strerror or exc}.")
+def _cannot_write(path: Path, exc: BaseException) -> OutputError:
+    reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+    return OutputError(f"cannot write {path}: {reason}.")
 
 
 def make_dir(path: Path) -> None:
@@ -156,12 +157,29 @@ def replace_dir(target: Path, fill) -> None:
     try:
         fill(tmp)
         _normalize_modes(tmp)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _cannot_write(target, exc) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_error(exc):
+            raise _cannot_write(target, exc) from None
         raise
+    try:
+        _swap_in(tmp, target)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """A failed write, however the writer reports it: OSError (a full disk, a quota), or the
+    I/O errors safetensors and torch.save wrap in their own exception types."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return (type(exc).__name__ == "SafetensorError" and "i/o error" in text) or (
+        isinstance(exc, RuntimeError) and ("write failed" in text or "failed writing" in text))
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """The old directory (if any) renamed away, the new one renamed in, the old one deleted."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old")
