@@ -153,7 +153,10 @@ class DPTrainer(Trainer):
         steps = args.max_steps if args.max_steps > 0 else max(1, round(args.num_train_epochs / q))
         args.max_steps = steps
         if args.max_grad_norm:
-            log.warning("TrainingArguments.max_grad_norm=%s (clipping of the summed gradient) is "
+            # TrainingArguments' own default (1.0) is switched off quietly; a value set on purpose
+            # is worth a warning
+            report = log.info if args.max_grad_norm == 1.0 else log.warning
+            report("TrainingArguments.max_grad_norm=%s (clipping of the summed gradient) is "
                         "off under DPTrainer: per-sample clipping at DPArguments.max_grad_norm=%s "
                         "replaces it.", args.max_grad_norm, self.dp_args.max_grad_norm)
             args.max_grad_norm = 0.0
