@@ -124,7 +124,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     best = attacks[best_name]
     fp, allowed = best["false_positives_at_fpr"][key], best["max_false_positives_at_fpr"][key]
     lines.append(
-        f"The strongest attack ({best['label']}) reaches TPR {best['tpr_at_fpr'][key]:.1%} at "
+        f"The attack with the highest TPR at FPR {HEADLINE_FPR:.0%} ({best['label']}) reaches "
+        f"TPR {best['tpr_at_fpr'][key]:.1%} at "
         f"FPR {HEADLINE_FPR:.0%} (backed by {fp} false positive{'s' if fp != 1 else ''} among "
         f"{best['n_nonmembers']} non-members; {allowed} allowed) and AUC {best['auc']:.3f}.")
     lines.append("AUC by attack: " + ", ".join(f"{a['label']} {a['auc']:.3f}"

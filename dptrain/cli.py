@@ -451,6 +451,10 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
                      *(f"{a['tpr_at_fpr'][fpr_key(f)]:.1%}" for f in (0.001, 0.01, 0.1)),
                      f"{a['epsilon_lb']['clopper_pearson']:.2f}", f"{a['epsilon_lb']['gdp']:.2f}"])
     print_rows(rows)
+    if len(report["attacks"]) > 1:
+        print(f"(eps_lb per attack at {report['empirical_epsilon']['confidence']:.0%} confidence "
+              "each; the bound below is the best attack's with that confidence split over all "
+              f"{len(report['attacks'])}, so it is lower)")
     for line in report["summary"]:
         print(line)
     out = args.out if args.out is not None else args.run / "attacks"

@@ -72,7 +72,7 @@ def test_report_json_has_the_documented_schema(workspace, report):
         assert attack["correction"].startswith("bonferroni")
     assert "fixed (global) variance" in on_disk["attacks"]["lira_online"]["description"]
     summary = " ".join(on_disk["summary"])
-    assert "strongest attack" in summary and "not private" in summary
+    assert "highest TPR at FPR 1%" in summary and "not private" in summary
     assert on_disk["empirical_epsilon"]["confidence_per_attack"] == pytest.approx(1 - 0.05 / 4)
 
     png = (workspace / "report" / "roc.png").read_bytes()
@@ -93,7 +93,7 @@ def test_cli_prints_a_table_and_reuses_the_shadows(workspace, report, capsys):
     assert lines[0].split()[:2] == ["attack", "AUC"] and "eps_lb" in lines[0]
     assert [line.split()[0] for line in lines[2:6]] == ["loss", "lira_online", "lira_offline",
                                                         "rmia"]
-    assert any("strongest attack" in line for line in lines)
+    assert any("highest TPR at FPR 1%" in line for line in lines)
     again = json.loads((out / "report.json").read_text())
     assert again["shadows"]["reused"] == 2 and again["shadows"]["trained"] == 0
     # the same seed, the same shadows and the same target: the same numbers
