@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 # The slot-model fields added after the first joint/slot runs, and what those runs did.
+MAX_SYNTHETIC_PER_INTENT = 10_000  # the built-in data: a demo and a test set, not a corpus
 SLOT_FIELDS_BEFORE = {"tag_scheme": "bio", "tag_layers": 1, "intent_tag_bias": "off"}
 # Fields added later for every task, and what earlier runs did.
 FIELDS_BEFORE = {"head_init": "random"}
@@ -168,6 +169,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {p!r}.")
         _positive("max_length", self.max_length, int)
         _positive("synthetic_per_intent", self.synthetic_per_intent, int)
+        if self.synthetic_per_intent > MAX_SYNTHETIC_PER_INTENT:
+            raise ConfigError(f"synthetic_per_intent must be at most {MAX_SYNTHETIC_PER_INTENT:,} "
+                              f"(built-in examples are for trying the tool), got "
+                              f"{self.synthetic_per_intent:,}.")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
         for name in ("seed", "dp_seed"):

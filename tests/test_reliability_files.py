@@ -106,7 +106,8 @@ def test_a_refused_command_leaves_no_directory_behind(tmp_path):
     (["--epochs", "1e9"], "cannot be planned"),
     (["--nproc", "0"], "--nproc must be >= 1"),
     (["--nproc", "-1"], "--nproc must be >= 1"),
-], ids=["eps-overflow", "eps-nan", "epochs-1e9", "nproc-0", "nproc-neg"])
+    (["--synthetic-per-intent", "100000000"], "at most 10,000"),
+], ids=["eps-overflow", "eps-nan", "epochs-1e9", "nproc-0", "nproc-neg", "synthetic-1e8"])
 def test_numbers_that_cannot_mean_what_they_say_are_refused(tmp_path, flags, expected):
     """`--epsilon 1e400` used to overflow to inf and train without privacy, silently."""
     out = tmp_path / "o"
