@@ -113,7 +113,7 @@ def test_reference_models_from_a_named_recipe_enable_lira_and_rmia(foreign, tmp_
     ("member out of range", "is not in the data"),
     ("not a classifier", "is not a sequence classifier"),
     ("no members file", "needs --members"),
-    ("both run and model", "not both"),
+    ("both run and model", "got both"),
     ("rmia without recipe", "need reference models"),
     ("unknown label", "is not a class of the model"),
 ])

@@ -240,11 +240,19 @@ def test_custom_losses_iterable_data_and_bad_budgets_are_refused(tmp_path):
 
 
 def test_batch_gradient_clipping_is_replaced_and_users_args_are_untouched(tmp_path, caplog):
+    import logging
+
     targs = args(tmp_path)
-    assert targs.max_grad_norm == 1.0  # the Trainer default
-    trainer = make(tmp_path, targs=targs)
+    assert targs.max_grad_norm == 1.0  # the Trainer default: switched off without a warning
+    with caplog.at_level(logging.WARNING, logger="dptrain.hf"):
+        trainer = make(tmp_path, targs=targs)
     assert trainer.args.max_grad_norm == 0.0 and trainer.args.gradient_accumulation_steps == 1
     assert targs.max_grad_norm == 1.0 and targs.gradient_accumulation_steps == 2
+    assert "per-sample clipping" not in caplog.text
+    chosen = args(tmp_path, max_grad_norm=0.5)  # set on purpose: the user is told
+    with caplog.at_level(logging.WARNING, logger="dptrain.hf"):
+        trainer = make(tmp_path, targs=chosen)
+    assert trainer.args.max_grad_norm == 0.0 and chosen.max_grad_norm == 0.5
     assert "per-sample clipping" in caplog.text
 
 
