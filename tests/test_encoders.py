@@ -183,10 +183,10 @@ def test_model_auto_takes_the_measured_encoder_per_task_and_refuses_without_one(
 
     monkeypatch.setattr(encoders, "available", lambda name: True)
     assert [encoders.resolve_model("auto", t) for t in ("intent", "joint", "slots")] == \
-        ["mpnet", "minilm", "minilm"]
+        ["mpnet", "mpnet", "mpnet"]
     assert encoders.resolve_model("my/dir", "joint") == "my/dir"
-    monkeypatch.setattr(encoders, "available", lambda name: name == "mpnet")
-    assert encoders.resolve_model("auto", "joint") == "mpnet"
+    monkeypatch.setattr(encoders, "available", lambda name: name == "minilm")
+    assert encoders.resolve_model("auto", "joint") == "minilm"  # the next best, when alone
     monkeypatch.setattr(encoders, "available", lambda name: False)
     with pytest.raises(ModelError, match="model 'auto' needs a packaged encoder.*--model tiny"):
         encoders.resolve_model("auto")
