@@ -555,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args)
     except DPTrainError as exc:
         message = " ".join(str(exc).split())
+        if message.endswith("..") and not message.endswith("..."):
+            message = message[:-1]  # a quoted reason that ended in its own full stop
         print(f"dptrain {command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
