@@ -293,7 +293,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     from .trainer import (RunSummary, _config_and_checkpoint, _diverged, _privacy_record,
                           _progress, finish_bookkeeping, finished_run, fingerprint,
                           insert_gradient_canaries, note_planted, optimization, plan_steps, prepare_out_dir,
-                          public_size, recipe, write_curves)
+                          public_size, recipe, set_encoder_dropout, write_curves)
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -312,9 +312,7 @@ def train_slots_run(config, out_dir: str | Path, *, resume: bool = False, progre
     device, precision = resolve(config.device, config.precision, config.private)
     encoder, tokenizer, pooling = load_encoder(config.model)
     if config.dropout is not None:  # as for intents: every dropout layer inside the encoder
-        for module in encoder.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = float(config.dropout)
+        set_encoder_dropout(encoder, config.dropout)
     if config.pooling != "auto":
         pooling = config.pooling
     n_natural = len(data.train)

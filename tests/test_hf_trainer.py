@@ -196,6 +196,10 @@ def test_a_checkpoint_without_its_ledger_or_of_another_plan_is_refused(tmp_path)
                  targs=args(tmp_path, save_strategy="steps", save_steps=6, max_steps=6))
     with pytest.raises(ConfigError, match="noise_multiplier"):
         other.train(resume_from_checkpoint=str(ckpt))
+    (ckpt / "privacy.json").write_text("{not json")  # damaged: a ConfigError, not a JSONDecodeError
+    damaged = make(tmp_path, targs=args(tmp_path, save_strategy="steps", save_steps=6, max_steps=6))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        damaged.train(resume_from_checkpoint=str(ckpt))
     (ckpt / "privacy.json").unlink()
     again = make(tmp_path, targs=args(tmp_path, save_strategy="steps", save_steps=6, max_steps=6))
     with pytest.raises(ConfigError, match="no privacy.json"):

@@ -129,3 +129,19 @@ def test_attacks_on_slot_runs_refuse_what_they_cannot_do_in_one_line(tmp_path, c
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_dropout_reaches_the_joint_encoder(tmp_path, monkeypatch):
+    """--dropout used to be recorded in config.json but ignored by --task joint."""
+    import dptrain.trainer as trainer
+
+    seen = []
+    original = trainer.set_encoder_dropout
+
+    def spy(model, p):
+        original(model, p)
+        seen.append(sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}))
+    monkeypatch.setattr(trainer, "set_encoder_dropout", spy)
+    train_run(TrainConfig(task="joint", epsilon=float("inf"), epochs=1, dropout=0.3, **FAST),
+              tmp_path / "run", progress=False)
+    assert seen == [[0.3]]
