@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on one worker per core (pytest-xdist, pyproject's addopts): each worker, and
+    # the commands its tests start, on one thread, so that the workers do not fight over cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
