@@ -269,11 +269,15 @@ def exclusive(path: Path, what: str = "--out", create: bool = True):
                 raise ConfigError(f"{what} {path} is in use: another dptrain command is writing "
                                   "there now; wait for it to finish, or choose another "
                                   "directory.") from None
+        outer = os.environ.get(LOCK_HELD)
         os.environ[LOCK_HELD] = resolved  # for the processes this one starts
         try:
             yield
         finally:
-            os.environ.pop(LOCK_HELD, None)
+            if outer is None:
+                os.environ.pop(LOCK_HELD, None)
+            else:
+                os.environ[LOCK_HELD] = outer
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock

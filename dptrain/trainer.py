@@ -587,15 +587,24 @@ def train_run(
     if dist is not None and (gradient_canaries is not None or config.early_stopping):
         raise ConfigError("early stopping and white-box audits run in one process; drop "
                           "--nproc / torchrun for them.")
-    if prepare_out_dir(out, resume):
-        summary = finished_run(out)
-        log.warning("%s holds a finished run; nothing left to train", out)
-        return summary
-    from .features import feature_store
+    # one writer per run directory, across processes (shadow models shared by two attacks,
+    # the API called twice): the command line holds it already for its --out
+    with rundir.exclusive(out, "run directory"):
+        # a new run's --out is checked by one process (the launcher did it too): a rank that
+        # looked after another had begun writing would find it taken
+        finished = (prepare_out_dir(out, resume) if dist is None or dist.main or resume
+                    else False)
+        if dist is not None:  # every rank has looked at --out before any rank writes to it
+            dist.barrier()
+        if finished:
+            summary = finished_run(out)
+            log.warning("%s holds a finished run; nothing left to train", out)
+            return summary
+        from .features import feature_store
 
-    with feature_store(out / rundir.FEATURES, reuse_open=True):  # encode once per data, not per process
-        return _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
-                      gradient_canaries, dist, started)
+        with feature_store(out / rundir.FEATURES, reuse_open=True):  # encode once, not per process
+            return _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
+                          gradient_canaries, dist, started)
 
 
 def _train(config, out, resume, data, member_ids, progress, on_step, extra_info,
