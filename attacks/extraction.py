@@ -269,7 +269,7 @@ def run_extraction(run_dir: str | Path | None, out_dir: str | Path | None = None
         check_run_dir(run, tasks=("intent", "joint", "slots"))
         secrets = read_secrets_file(run / "private" / "secrets.json", run_dir=run)
         task = rundir.read_json(run / rundir.CONFIG)["config"].get("task", "intent")
-        out = Path(out_dir) if out_dir is not None else run / "extraction"
+        out = Path(out_dir) if out_dir is not None else run / rundir.EXTRACTION
     outputs = OutputDir(out, COMMAND, what=None if out_dir is not None else
                         f"the report directory {out} (default --out)")
     earlier = outputs.check(files=(REPORT, FIGURE))

@@ -312,7 +312,9 @@ def report_dir(run_dir: str | Path, out_dir: str | Path | None = None):
 
     if out_dir is not None:
         return OutputDir(out_dir, COMMAND)
-    out = Path(run_dir) / "attacks"
+    from dptrain import rundir
+
+    out = Path(run_dir) / rundir.ATTACKS
     return OutputDir(out, COMMAND, what=f"the report directory {out} (default --out)")
 
 

@@ -243,20 +243,24 @@ class PrivacyLedger:
                 f"saved privacy ledger is for accountant {state.get('accountant')!r} at delta "
                 f"{state.get('delta')}, but this run uses {self.accountant!r} at delta {self.delta}."
             )
-        self.history = _segments(state.get("history", []))
-        self.prior = _segments(state.get("prior", []))  # (none in ledgers saved before the count)
+        self.history = checked_segments(state.get("history", []))
+        self.prior = checked_segments(state.get("prior", []))  # (none in ledgers saved before the count)
         self._allowed = None
 
 
-def _segments(saved) -> list[tuple[float, float, int]]:
+def checked_segments(saved, what: str = "saved privacy ledger") -> list[tuple[float, float, int]]:
+    """Segments (σ, q, steps) read back from a file (a ledger's state, a ``privacy.json``), each
+    checked: σ > 0, 0 < q ≤ 1, a whole number of steps ≥ 1; else ConfigError naming ``what``."""
     segments = []
     for segment in saved:
-        if (
-            not isinstance(segment, (list, tuple)) or len(segment) != 3
-            or not float(segment[0]) > 0 or not 0 < float(segment[1]) <= 1
-            or int(segment[2]) != segment[2] or int(segment[2]) < 1
-        ):
-            raise ConfigError(f"saved privacy ledger has an invalid segment {segment!r}.")
+        try:
+            valid = (isinstance(segment, (list, tuple)) and len(segment) == 3
+                     and float(segment[0]) > 0 and 0 < float(segment[1]) <= 1
+                     and int(segment[2]) == segment[2] and int(segment[2]) >= 1)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"{what}: invalid segment {segment!r}.")
         segments.append((float(segment[0]), float(segment[1]), int(segment[2])))
     return segments
 

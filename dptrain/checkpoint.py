@@ -92,8 +92,8 @@ def load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_step_records(state: dict[str, Any], where: Path | str) -> int:
-    """The step count, once every record of it in a checkpoint agrees: ``step``, the privacy
+def check_step_records(state: dict[str, Any], where: Path | str) -> None:
+    """Refuse a checkpoint unless every record of its step count agrees: ``step``, the privacy
     ledger's steps, the sampler's and the scheduler's counts, the optimizer's per-parameter
     counts and the curves' last step. A checkpoint whose records disagree was edited or
     corrupted: resuming it could train more steps than its ledger pays for, so it is refused."""
@@ -120,7 +120,6 @@ def check_step_records(state: dict[str, Any], where: Path | str) -> int:
         raise ConfigError(f"checkpoint {where} disagrees with itself about how many steps were "
                           f"trained ({shown}): it was edited or corrupted, and resuming it could "
                           "spend more ε than it records; refused (start a new run).")
-    return step
 
 
 def restore(state: dict[str, Any], *, model, optimizer, scheduler, dp, sampler, seeded: bool):

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import rundir
+
 EXIT_BAD_INPUT = 2
 
 
@@ -457,7 +459,7 @@ def _cmd_attack_mia(args: argparse.Namespace) -> int:
               f"{len(report['attacks'])}, so it is lower)")
     for line in report["summary"]:
         print(line)
-    out = args.out if args.out is not None else args.run / "attacks"
+    out = args.out if args.out is not None else args.run / _DEFAULT_OUT["mia"]
     print(f"report written to {out}")
     return 0
 
@@ -497,7 +499,7 @@ def _cmd_attack_extract(args: argparse.Namespace) -> int:
         canaries=args.canaries, claimed_epsilon=args.claimed_epsilon, delta=args.delta)
     for line in report["summary"]:
         print(line)
-    out = args.out if args.out is not None else args.run / "extraction"
+    out = args.out if args.out is not None else args.run / _DEFAULT_OUT["extract"]
     print(f"report written to {out}")
     return 0
 
@@ -512,7 +514,7 @@ def _command_path(args: argparse.Namespace) -> str:
     return " ".join(v for v in (args.command, getattr(args, "attack", None)) if v)
 
 
-_DEFAULT_OUT = {"mia": "attacks", "extract": "extraction"}  # attacks write into the run by default
+_DEFAULT_OUT = {"mia": rundir.ATTACKS, "extract": rundir.EXTRACTION}  # an attack's default: in the run
 
 
 def _written_dir(args: argparse.Namespace) -> tuple[Path | None, bool]:

@@ -129,7 +129,7 @@ def read_privacy(path) -> dict:
     from pathlib import Path
 
     from . import rundir
-    from .accounting import ACCOUNTANTS, epsilon_of
+    from .accounting import ACCOUNTANTS, checked_segments, epsilon_of
 
     path = Path(path)
     record = rundir.read_json(path)
@@ -154,10 +154,8 @@ def read_privacy(path) -> dict:
         history = record.get("history")
         if history is None:  # records written before the history was kept: one segment
             history = [[record["noise_multiplier"], record["sample_rate"], record["steps"]]]
-        segments = [(float(s), float(q), int(n)) for s, q, n in history]
-        prior = [(float(s), float(q), int(n)) for s, q, n in record.get("prior", [])]
-        if any(not (s > 0 and 0 < q <= 1 and n >= 1) for s, q, n in segments + prior):
-            raise ValueError(f"segments {segments + prior}")
+        segments = checked_segments(history, "recorded segments")
+        prior = checked_segments(record.get("prior", []), "recorded segments")
         if sum(n for _, _, n in segments) != int(record["steps"]):
             raise ValueError(f"'steps' is {record['steps']} but the history has "
                              f"{sum(n for _, _, n in segments)}")

@@ -69,6 +69,8 @@ FEATURES = "private/features"  # the feature store (dptrain.features) of a run, 
 CURVES_PNG = "curves.png"
 MODEL = "model"
 CHECKPOINT = "checkpoint"
+ATTACKS = "attacks"  # where `attack mia` writes inside a run by default
+EXTRACTION = "extraction"  # where `attack extract` writes inside a run by default
 TMP_SUFFIX = ".partial"  # directories being built by replace_dir
 
 

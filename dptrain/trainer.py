@@ -1007,8 +1007,7 @@ def write_curves(out: Path, curves, config) -> None:
     rundir.write_json(out / rundir.CURVES, public)
     rundir.write_json(out / rundir.TRAIN_CURVES, [
         {"step": c["step"], **{k: c[k] for k in PRIVATE_CURVE_KEYS if k in c}} for c in curves])
-    if config is not None:
-        _plot_curves(out / rundir.CURVES_PNG, public, config)
+    _plot_curves(out / rundir.CURVES_PNG, public, config)
 
 
 def _plot_curves(path: Path, curves, config) -> None:

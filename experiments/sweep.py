@@ -488,10 +488,11 @@ def run_sweep(config: str | Path | dict | SweepConfig, out_dir: str | Path, *,
     dirs = [d for d, needs in (("cells", None), ("shadows", "mia"), ("audits", "audit"),
                                ("whitebox", "white_box")) if needs is None or needs in cfg.attacks]
     outputs.check(files=(PLAN, TIMING) + sweep_report.FILES, dirs=dirs)
-    if outputs.owns(PLAN) and _read(out / PLAN) != cfg.to_dict() and _started(out):
+    same_plan = outputs.owns(PLAN) and _read(out / PLAN) == cfg.to_dict()
+    if outputs.owns(PLAN) and not same_plan and _started(out):
         raise ConfigError(f"--out {out} holds a different sweep ({PLAN} differs); continue it "
                           "with its own config or choose a new directory.")
-    if not outputs.owns(PLAN) or _read(out / PLAN) != cfg.to_dict():  # (nothing trained yet)
+    if not same_plan:  # a new sweep, or a plan nothing was trained for yet
         preflight(cfg)
         outputs.write_json(PLAN, cfg.to_dict())
     for d in dirs:
@@ -590,11 +591,10 @@ def preflight(cfg: SweepConfig) -> None:
         if recipe.delta is not None and not recipe.delta < 1.0 / n:
             raise ConfigError(f"variants.{variant}: delta must be < 1/N = {1.0 / n:.3g} for the "
                               f"{n} training examples of {recipe.data}, got {recipe.delta:g}.")
-        for name in ("audit", "white_box"):
-            canaries = cfg.attacks.get(name, {}).get("canaries")
-            if name == "audit" and canaries is not None and canaries > n:
-                raise ConfigError(f"attacks.audit.canaries must be at most the {n} training "
-                                  f"examples of {recipe.data}, got {canaries}.")
+        canaries = cfg.attacks.get("audit", {}).get("canaries")  # natural canaries: rows of N
+        if canaries is not None and canaries > n:
+            raise ConfigError(f"attacks.audit.canaries must be at most the {n} training "
+                              f"examples of {recipe.data}, got {canaries}.")
         if recipe.task == "joint":
             load_encoder(recipe.model)
         else:
